@@ -1,0 +1,91 @@
+"""Settings from environment variables: one `Settings` model, read the same way by every process."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_DATABASE_URL = "sqlite:///./data/waflow.db"
+DEFAULT_GRAPH_API_URL = "https://graph.facebook.com/v23.0"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(extra="ignore", case_sensitive=False)
+
+    database_url: str = DEFAULT_DATABASE_URL
+    # Comma-separated: several secrets are accepted while an app secret is being rotated.
+    whatsapp_app_secret: str = ""
+    whatsapp_verify_token: str = ""
+    whatsapp_access_token: str = ""
+    graph_api_url: str = DEFAULT_GRAPH_API_URL
+    send_mode: Literal["dry-run", "live"] = "dry-run"
+    admin_token: str = ""
+
+    # Flows: where flow files live, which flow a new user of each business number starts.
+    flows_dir: Path | None = None
+    default_flow: str = "lead_qualification"
+    # "PHONE_NUMBER_ID=flow,PHONE_NUMBER_ID=flow"
+    flow_routes: str = ""
+    default_language: str = "en"
+
+    # Engine
+    apply_batch_limit: int = 100
+    db_pool_size: int = 10
+    db_max_overflow: int = 20
+
+    # Jobs
+    archive_after_hours: float = 24.0
+    archive_batch_size: int = 1000
+    archive_interval_seconds: float = 300.0
+    followups_interval_seconds: float = 60.0
+    sender_interval_seconds: float = 2.0
+    sweeper_interval_seconds: float = 30.0
+    send_rate_per_second: float = 80.0
+    send_user_spacing_seconds: float = 1.0
+    send_timeout_seconds: float = 10.0
+    send_max_attempts: int = 8
+    quiet_hours_timezone: str = "UTC"
+    recovery_window_hours: float = 48.0
+
+    # Webhook server: how often the in-process sweeper looks for pending messages.
+    pending_sweep_interval_seconds: float = 5.0
+
+    # Dashboard sign-in. DASHBOARD_USERS: "name:role:sha256hex,..." (role admin|viewer).
+    dashboard_users: str = ""
+    demo_mode: bool = False
+    pending_warning_threshold: int = 100
+
+    @field_validator("database_url")
+    @classmethod
+    def _normalize_database_url(cls, value: str) -> str:
+        # Heroku-style URLs and plain "postgresql://" would select psycopg2, which we do not ship.
+        for prefix in ("postgres://", "postgresql://"):
+            if value.startswith(prefix):
+                return "postgresql+psycopg://" + value[len(prefix) :]
+        return value
+
+    @field_validator("graph_api_url")
+    @classmethod
+    def _strip_slash(cls, value: str) -> str:
+        return value.rstrip("/")
+
+    @property
+    def app_secrets(self) -> list[str]:
+        return [s.strip() for s in self.whatsapp_app_secret.split(",") if s.strip()]
+
+    @property
+    def routes(self) -> dict[str, str]:
+        pairs = (item.split("=", 1) for item in self.flow_routes.split(",") if "=" in item)
+        return {number.strip(): flow.strip() for number, flow in pairs}
+
+    def flow_for(self, phone_number_id: str) -> str:
+        return self.routes.get(phone_number_id, self.default_flow)
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()

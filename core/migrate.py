@@ -1,0 +1,51 @@
+"""Schema migrations (Alembic, shipped inside the package) and `ensure_schema` for every command."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from core.db import Database, first_line
+from core.errors import DatabaseUnavailableError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+# Any fixed number works; it only has to be the same in every process that migrates.
+MIGRATION_LOCK_KEY = 0x7761666C  # "wafl"
+
+
+def alembic_config() -> Config:
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return config
+
+
+def head_revision() -> str | None:
+    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+
+
+def current_revision(db: Database) -> str | None:
+    with db.engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def ensure_schema(db: Database) -> str | None:
+    """Bring the schema to head. Cheap when already there; safe when several processes start at once."""
+    try:
+        if current_revision(db) == head_revision():
+            return head_revision()
+        config = alembic_config()
+        with db.engine.begin() as conn:
+            if db.is_postgres:
+                # Two processes starting together must not both create the tables.
+                conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
+            config.attributes["connection"] = conn
+            command.upgrade(config, "head")
+    except (OperationalError, DBAPIError) as e:
+        raise DatabaseUnavailableError(f"cannot migrate {db.safe_url}: {first_line(e)}") from e
+    return head_revision()

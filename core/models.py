@@ -1,0 +1,303 @@
+"""Typed tables. Every table that grows with users carries the session key (phone_number_id, user_id)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; PostgreSQL ids must not wrap at 2**31.
+BigId = BigInteger().with_variant(Integer(), "sqlite")
+JsonDoc = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on both backends (SQLite would hand back naive values)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JsonDoc, list[Any]: JsonDoc}
+
+
+class ChatSession(Base):
+    """Where one user of one business number is in its flow. `version` counts applied inbound messages."""
+
+    __tablename__ = "sessions"
+
+    phone_number_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    flow: Mapped[str] = mapped_column(String(100))
+    flow_version: Mapped[int] = mapped_column(Integer)
+    current_step: Mapped[str] = mapped_column(String(100))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+    failure_count: Mapped[int] = mapped_column(Integer, default=0)
+    language: Mapped[str] = mapped_column(String(16))
+    # new (created, nothing applied yet) | active | completed | archived
+    status: Mapped[str] = mapped_column(String(16))
+    profile_name: Mapped[str | None] = mapped_column(String(256))
+    opted_out: Mapped[bool] = mapped_column(Boolean, default=False)
+    opted_out_at: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # WhatsApp time of the user's latest message: opens the 24 h customer-service window.
+    last_inbound_at: Mapped[datetime | None]
+    # Set when Meta reports 131047 (outside the window) and cleared by the user's next message.
+    window_closed_at: Mapped[datetime | None]
+    step_entered_at: Mapped[datetime | None]
+    last_transition_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    archived_at: Mapped[datetime | None]
+    # Status before archiving, so analytics can still tell completed from abandoned.
+    archived_from: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        Index("ix_sessions_step_updated", "flow", "current_step", "updated_at"),
+        Index("ix_sessions_status_inbound", "status", "last_inbound_at"),
+    )
+
+
+class InboundEvent(Base):
+    """Every accepted inbound message, once: the dedupe store, the pending queue and the replay log."""
+
+    __tablename__ = "inbound_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    phone_number_id: Mapped[str] = mapped_column(String(64))
+    wamid: Mapped[str] = mapped_column(String(256))
+    user_id: Mapped[str] = mapped_column(String(128))
+    timestamp: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(32))
+    # The normalized InboundMessage as JSON; its "raw" member is the message exactly as WhatsApp sent it.
+    message: Mapped[dict[str, Any]]
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+    processed_at: Mapped[datetime | None]
+    # applied | ignored (no transition: reaction, system, unsupported) | moved (user changed number)
+    result: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        UniqueConstraint("phone_number_id", "wamid", name="uq_inbound_wamid"),
+        Index(
+            "ix_inbound_pending",
+            "phone_number_id",
+            "user_id",
+            "timestamp",
+            postgresql_where=text("processed_at IS NULL"),
+            sqlite_where=text("processed_at IS NULL"),
+        ),
+        Index("ix_inbound_session", "phone_number_id", "user_id", "timestamp"),
+        Index("ix_inbound_received", "received_at"),
+    )
+
+
+class Transition(Base):
+    """Append-only: one row per applied inbound message. Funnels, drop-off and latency read this table."""
+
+    __tablename__ = "transitions"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    phone_number_id: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(128))
+    flow: Mapped[str] = mapped_column(String(100))
+    flow_version: Mapped[int] = mapped_column(Integer)
+    from_step: Mapped[str | None] = mapped_column(String(100))
+    to_step: Mapped[str] = mapped_column(String(100))
+    outcome: Mapped[str] = mapped_column(String(16))
+    wamid: Mapped[str] = mapped_column(String(256))
+    # WhatsApp time of the message (user timing survives replays and delays) and when we applied it.
+    at: Mapped[datetime]
+    applied_at: Mapped[datetime] = mapped_column(default=utcnow)
+    elapsed_seconds: Mapped[float | None] = mapped_column(Float)
+    session_version: Mapped[int] = mapped_column(BigInteger)
+    language: Mapped[str | None] = mapped_column(String(16))
+
+    __table_args__ = (
+        Index("ix_transitions_flow_at", "flow", "at"),
+        Index("ix_transitions_session", "phone_number_id", "user_id", "id"),
+        UniqueConstraint("phone_number_id", "wamid", name="uq_transitions_wamid"),
+    )
+
+
+class Outbox(Base):
+    """Every message we want to send. The unique idempotency key makes re-runs and retries send once."""
+
+    __tablename__ = "outbox"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    idempotency_key: Mapped[str] = mapped_column(String(300), unique=True)
+    phone_number_id: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # text | interactive | template
+    # Meta message fields without messaging_product/to (the sender adds them).
+    body: Mapped[dict[str, Any]]
+    text: Mapped[str | None] = mapped_column(Text)
+    template: Mapped[str | None] = mapped_column(String(200))
+    campaign_id: Mapped[int | None] = mapped_column(ForeignKey("campaigns.id"))
+    step: Mapped[str | None] = mapped_column(String(100))
+    in_reply_to: Mapped[str | None] = mapped_column(String(256))
+    # queued | sending | sent | failed | uncertain | cancelled
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    wamid: Mapped[str | None] = mapped_column(String(256), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None]
+    claimed_by: Mapped[str | None] = mapped_column(String(100))
+    error_code: Mapped[int | None] = mapped_column(Integer)
+    error_title: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None]
+
+    __table_args__ = (
+        Index("ix_outbox_due", "status", "next_attempt_at"),
+        Index("ix_outbox_session", "phone_number_id", "user_id", "id"),
+    )
+
+
+class MessageStatus(Base):
+    """Current delivery state of one outbound wamid: monotonic sent → delivered → read, or failed."""
+
+    __tablename__ = "message_status"
+
+    wamid: Mapped[str] = mapped_column(String(256), primary_key=True)
+    phone_number_id: Mapped[str] = mapped_column(String(64))
+    recipient_id: Mapped[str | None] = mapped_column(String(128))
+    status: Mapped[str] = mapped_column(String(16))
+    rank: Mapped[int] = mapped_column(Integer)
+    error_code: Mapped[int | None] = mapped_column(Integer)
+    status_at: Mapped[datetime]
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class MessageStatusEvent(Base):
+    """Every status webhook as received: the history behind `message_status`."""
+
+    __tablename__ = "message_status_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    wamid: Mapped[str] = mapped_column(String(256))
+    phone_number_id: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16))
+    timestamp: Mapped[int] = mapped_column(BigInteger)
+    errors: Mapped[list[Any]] = mapped_column(default=list)
+    received_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("wamid", "status", "timestamp", name="uq_status_event"),
+        Index("ix_status_events_received", "received_at"),
+    )
+
+
+class Campaign(Base):
+    """A follow-up rule: nudge users stalled in (flow, step) for `delay_seconds` since their last message."""
+
+    __tablename__ = "campaigns"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    flow: Mapped[str] = mapped_column(String(100))
+    step: Mapped[str] = mapped_column(String(100))
+    delay_seconds: Mapped[int] = mapped_column(Integer)
+    text: Mapped[str | None] = mapped_column(Text)
+    template_name: Mapped[str | None] = mapped_column(String(200))
+    template_language: Mapped[str | None] = mapped_column(String(16))
+    # Template body parameters: each a session data key ("{name}") or a literal.
+    template_params: Mapped[list[Any]] = mapped_column(default=list)
+    max_sends: Mapped[int] = mapped_column(Integer, default=1)
+    quiet_start: Mapped[str | None] = mapped_column(String(5))  # "HH:MM" in `timezone`
+    quiet_end: Mapped[str | None] = mapped_column(String(5))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    filter_language: Mapped[str | None] = mapped_column(String(16))
+    filter_phone_number_id: Mapped[str | None] = mapped_column(String(64))
+    recovery_window_seconds: Mapped[int] = mapped_column(Integer, default=48 * 3600)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class FollowUp(Base):
+    """One follow-up decision per (campaign, session, attempt): queued with its outbox row, or skipped with why."""
+
+    __tablename__ = "followups"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    campaign_id: Mapped[int] = mapped_column(ForeignKey("campaigns.id"))
+    phone_number_id: Mapped[str] = mapped_column(String(64))
+    user_id: Mapped[str] = mapped_column(String(128))
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[str] = mapped_column(String(100))
+    status: Mapped[str] = mapped_column(String(16))  # queued | skipped
+    reason: Mapped[str | None] = mapped_column(Text)
+    outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"))
+    # The session's last inbound time when this follow-up was decided: a reply is anything after it.
+    stalled_since: Mapped[datetime | None]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+    __table_args__ = (
+        UniqueConstraint("campaign_id", "phone_number_id", "user_id", "attempt", name="uq_followup_attempt"),
+        Index("ix_followups_session", "phone_number_id", "user_id"),
+    )
+
+
+class SenderPause(Base):
+    """Sending paused for a business number after an account-level error (e.g. 131031 account locked)."""
+
+    __tablename__ = "sender_pauses"
+
+    phone_number_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    error_code: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str] = mapped_column(Text)
+    paused_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class JobRun(Base):
+    """The last run of each job, for the health page and to make singleton runs visible."""
+
+    __tablename__ = "job_runs"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    job: Mapped[str] = mapped_column(String(50))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None]
+    ok: Mapped[bool | None] = mapped_column(Boolean)
+    result: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    owner: Mapped[str | None] = mapped_column(String(100))
+
+    __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)
