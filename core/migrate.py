@@ -25,27 +25,29 @@ def alembic_config() -> Config:
     return config
 
 
-def head_revision() -> str | None:
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+def head_revisions() -> set[str]:
+    # Parts of the product add their tables on branches of their own from 0001; all heads are applied.
+    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
 
 
-def current_revision(db: Database) -> str | None:
+def current_revisions(db: Database) -> set[str]:
     with db.engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+        return set(MigrationContext.configure(conn).get_current_heads())
 
 
-def ensure_schema(db: Database) -> str | None:
+def ensure_schema(db: Database) -> set[str]:
     """Bring the schema to head. Cheap when already there; safe when several processes start at once."""
     try:
-        if current_revision(db) == head_revision():
-            return head_revision()
+        heads = head_revisions()
+        if current_revisions(db) == heads:
+            return heads
         config = alembic_config()
         with db.engine.begin() as conn:
             if db.is_postgres:
                 # Two processes starting together must not both create the tables.
                 conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK_KEY})
             config.attributes["connection"] = conn
-            command.upgrade(config, "head")
+            command.upgrade(config, "heads")
     except (OperationalError, DBAPIError) as e:
         raise DatabaseUnavailableError(f"cannot migrate {db.safe_url}: {first_line(e)}") from e
-    return head_revision()
+    return heads

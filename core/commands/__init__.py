@@ -1,0 +1,1 @@
+"""Command groups of `python -m core`, one module per group."""

@@ -1,0 +1,94 @@
+"""Engine commands: migrate, process-pending, replay, sessions show."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from sqlalchemy import select
+
+from core.commands.common import open_database, print_json
+from core.config import get_settings
+from core.db import Database
+from core.engine import Engine
+from core.errors import WaflowError
+from core.messages import InboundMessage
+from core.migrate import ensure_schema
+from core.models import InboundEvent
+from core.views import session_view
+
+
+def register(sub: Any) -> None:
+    migrate = sub.add_parser("migrate", help="create or upgrade the schema")
+    migrate.set_defaults(handler=cmd_migrate)
+
+    pending = sub.add_parser("process-pending", help="apply every inbound message left pending")
+    pending.set_defaults(handler=cmd_process_pending)
+
+    replay = sub.add_parser("replay", help="re-apply stored inbound events into a fresh database")
+    replay.add_argument("--from", dest="source", required=True, help="DATABASE_URL holding the events")
+    replay.add_argument("--to", dest="target", help="fresh database (default: DATABASE_URL)")
+    replay.set_defaults(handler=cmd_replay)
+
+    sessions = sub.add_parser("sessions", help="inspect sessions")
+    sessions_sub = sessions.add_subparsers(dest="sessions_command", required=True)
+    show = sessions_sub.add_parser("show", help="print one session as JSON")
+    show.add_argument("phone_number_id")
+    show.add_argument("user_id")
+    show.set_defaults(handler=cmd_sessions_show)
+
+
+def cmd_migrate(_args: argparse.Namespace) -> int:
+    _settings, db = open_database()
+    print(f"schema at {', '.join(sorted(ensure_schema(db)))} on {db.safe_url}")
+    return 0
+
+
+def cmd_process_pending(_args: argparse.Namespace) -> int:
+    settings, db = open_database()
+    applied = Engine(db, settings=settings).process_pending()
+    print(f"applied {applied} pending message(s)")
+    return 0
+
+
+def cmd_sessions_show(args: argparse.Namespace) -> int:
+    _settings, db = open_database()
+    view = session_view(db, args.phone_number_id, args.user_id)
+    if view is None:
+        raise WaflowError(f"no session for {args.phone_number_id}/{args.user_id}")
+    print_json(view)
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    settings = get_settings()
+    target_url = args.target or settings.database_url
+    if target_url == args.source:
+        raise WaflowError("replay needs a fresh target database, not the source itself")
+    source = Database(args.source)
+    source.ping()
+    _settings, target = open_database(settings.model_copy(update={"database_url": target_url}))
+    engine = Engine(target, settings=settings)
+    stored = replay_events(source, engine)
+    applied = engine.process_pending()
+    print(f"replayed {stored} event(s), applied {applied}")
+    return 0
+
+
+def replay_events(source: Database, engine: Engine, batch: int = 500) -> int:
+    """Feed stored events, in arrival order, through the same ingest path the webhook uses."""
+    stored = 0
+    last_id = 0
+    while True:
+        with source.engine.connect() as conn:
+            rows = conn.execute(
+                select(InboundEvent.id, InboundEvent.message)
+                .where(InboundEvent.id > last_id)
+                .order_by(InboundEvent.id)
+                .limit(batch)
+            ).all()
+        if not rows:
+            return stored
+        last_id = rows[-1].id
+        result = engine.ingest([InboundMessage.model_validate(r.message) for r in rows])
+        stored += result.stored

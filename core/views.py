@@ -1,0 +1,129 @@
+"""Read models for operators: the admin API and `sessions show` print exactly these shapes."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select
+
+from core.db import Database
+from core.models import Campaign, ChatSession, InboundEvent, MessageStatus, MessageStatusEvent, Outbox, Transition
+
+SERVICE_WINDOW = timedelta(hours=24)
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value else None
+
+
+def window_expires_at(session: ChatSession) -> datetime | None:
+    """End of the 24 h customer-service window opened by the user's last message (None: closed/never opened)."""
+    if session.last_inbound_at is None:
+        return None
+    if session.window_closed_at is not None and session.window_closed_at >= session.last_inbound_at:
+        return None
+    return session.last_inbound_at + SERVICE_WINDOW
+
+
+def session_view(db: Database, phone_number_id: str, user_id: str) -> dict[str, Any] | None:
+    with db.session() as s:
+        session = s.get(ChatSession, (phone_number_id, user_id))
+        if session is None or session.status == "new":
+            return None
+        key = (Transition.phone_number_id == phone_number_id, Transition.user_id == user_id)
+        events = s.scalars(
+            select(InboundEvent)
+            .where(
+                InboundEvent.phone_number_id == phone_number_id,
+                InboundEvent.user_id == user_id,
+                InboundEvent.result == "applied",
+            )
+            .order_by(InboundEvent.timestamp, InboundEvent.id)
+        ).all()
+        transitions = s.scalars(select(Transition).where(*key).order_by(Transition.id)).all()
+        outbound = s.execute(
+            select(Outbox, Campaign.name)
+            .outerjoin(Campaign, Campaign.id == Outbox.campaign_id)
+            .where(Outbox.phone_number_id == phone_number_id, Outbox.user_id == user_id)
+            .order_by(Outbox.id)
+        ).all()
+        expires = window_expires_at(session)
+        return {
+            "phone_number_id": session.phone_number_id,
+            "user_id": session.user_id,
+            "flow": session.flow,
+            "flow_version": session.flow_version,
+            "step": session.current_step,
+            "status": session.status,
+            "version": session.version,
+            "data": session.data,
+            "language": session.language,
+            "failure_count": session.failure_count,
+            "profile_name": session.profile_name,
+            "last_inbound_at": _iso(session.last_inbound_at),
+            "window_expires_at": _iso(expires),
+            "opted_out": session.opted_out,
+            "created_at": _iso(session.created_at),
+            "updated_at": _iso(session.updated_at),
+            "completed_at": _iso(session.completed_at),
+            "archived_at": _iso(session.archived_at),
+            "inbound": [_inbound_item(e) for e in events],
+            "transitions": [
+                {
+                    "from": t.from_step,
+                    "to": t.to_step,
+                    "outcome": t.outcome,
+                    "wamid": t.wamid,
+                    "at": _iso(t.at),
+                    "applied_at": _iso(t.applied_at),
+                }
+                for t in transitions
+            ],
+            "outbound": [
+                {
+                    "id": o.id,
+                    "kind": o.kind,
+                    "text": o.text,
+                    "template": o.template,
+                    "campaign": campaign,
+                    "status": o.status,
+                    "wamid": o.wamid,
+                }
+                for o, campaign in outbound
+            ],
+        }
+
+
+def _inbound_item(event: InboundEvent) -> dict[str, Any]:
+    message = event.message
+    return {
+        "wamid": event.wamid,
+        "timestamp": int(event.timestamp),
+        "kind": event.kind,
+        "text": message.get("text"),
+        "choice_id": message.get("choice_id"),
+        "context_id": message.get("context_id"),
+    }
+
+
+def outbound_view(db: Database, wamid: str) -> dict[str, Any] | None:
+    with db.session() as s:
+        current = s.get(MessageStatus, wamid)
+        history = s.scalars(
+            select(MessageStatusEvent)
+            .where(MessageStatusEvent.wamid == wamid)
+            .order_by(MessageStatusEvent.timestamp, MessageStatusEvent.id)
+        ).all()
+        sent = s.scalars(select(Outbox).where(Outbox.wamid == wamid).limit(1)).first()
+        if current is None and not history and sent is None:
+            return None
+        errors = [error for event in history for error in (event.errors or [])]
+        status = current.status if current else (sent.status if sent else None)
+        return {
+            "wamid": wamid,
+            "status": status,
+            "errors": [{"code": e.get("code"), "title": e.get("title")} for e in errors],
+            "history": [{"status": e.status, "timestamp": int(e.timestamp)} for e in history],
+            "outbox_id": sent.id if sent else None,
+        }
