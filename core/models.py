@@ -301,3 +301,16 @@ class JobRun(Base):
     owner: Mapped[str | None] = mapped_column(String(100))
 
     __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)
+
+
+class WebhookStat(Base):
+    """Webhook request counts per minute and result (accepted, duplicate, rejected_signature, ...).
+
+    Prometheus counters live per process; these rows give the dashboard one history across processes.
+    """
+
+    __tablename__ = "webhook_stats"
+
+    bucket: Mapped[datetime] = mapped_column(primary_key=True)  # start of the minute, UTC
+    result: Mapped[str] = mapped_column(String(32), primary_key=True)
+    count: Mapped[int] = mapped_column(BigInteger, default=0)
