@@ -1,0 +1,210 @@
+"""Engine benchmark on PostgreSQL: applied messages/s and apply latency, against a raw upsert loop baseline.
+
+    .venv/bin/python bench/engine.py [--messages 4000] [--workers 1,4,16] [--rate 200]
+
+Each scenario runs in a fresh database created (and dropped) on the server of BENCH_DATABASE_URL /
+TEST_DATABASE_URL. Every worker is an OS process with its own engine and pool, delivering messages the way
+the webhook does (store, then apply that user). Printed per scenario: throughput, p50/p99 latency of
+store+apply per message, the raw `INSERT ... ON CONFLICT DO UPDATE` loop with the same worker count
+in the same run, our throughput as a ratio of it, and lost/duplicated transitions checked in the database.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import sys
+import time
+import uuid
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import psycopg  # noqa: E402
+from sqlalchemy import create_engine, func, select, text  # noqa: E402
+from sqlalchemy.engine import make_url  # noqa: E402
+
+from core.config import Settings  # noqa: E402
+from core.db import Database  # noqa: E402
+from core.engine import Engine  # noqa: E402
+from core.flows import load_flows  # noqa: E402
+from core.messages import InboundMessage  # noqa: E402
+from core.migrate import ensure_schema  # noqa: E402
+from core.models import ChatSession, Transition  # noqa: E402
+
+BASE_TS = 1_767_268_800
+FLOWS_DIR = ROOT / "tests" / "data" / "flows"
+DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+
+
+def _message(user: str, i: int, run: str) -> dict[str, object]:
+    wamid = f"wamid.{run}.{user}.{i}"
+    raw = {"from": user, "id": wamid, "timestamp": str(BASE_TS + i), "type": "text", "text": {"body": f"m{i}"}}
+    return InboundMessage(
+        phone_number_id="100000000000111", user_id=user, wamid=wamid, timestamp=BASE_TS + i, kind="text",
+        text=f"m{i}", raw=raw,
+    ).model_dump(mode="json")
+
+
+def _plans(scenario: str, workers: int, messages: int, run: str) -> list[list[dict[str, object]]]:
+    per_worker = messages // workers
+    plans: list[list[dict[str, object]]] = []
+    for w in range(workers):
+        plan = []
+        for i in range(per_worker):
+            if scenario == "hot":
+                # one hot user receives a quarter of all traffic, from every worker at once
+                user = "14150000000" if i % 4 == 0 else f"1416{w:03d}{i:05d}"
+            else:
+                user = f"1416{w:03d}{i:05d}"
+            plan.append(_message(user, i, run))
+        plans.append(plan)
+    return plans
+
+
+def _worker(url: str, plan: list[dict[str, object]], start_at: float, rate: float | None) -> list[float]:
+    settings = Settings(database_url=url, flows_dir=FLOWS_DIR, default_flow="counter")
+    db = Database(url, pool_size=1, max_overflow=1)
+    engine = Engine(db, load_flows(FLOWS_DIR), settings)
+    messages = [InboundMessage.model_validate(m) for m in plan]
+    latencies = []
+    time.sleep(max(0.0, start_at - time.time()))
+    began = time.perf_counter()
+    for n, message in enumerate(messages):
+        if rate:
+            due = began + n / rate
+            time.sleep(max(0.0, due - time.perf_counter()))
+        t0 = time.perf_counter()
+        result = engine.ingest([message])
+        for key in result.session_keys:
+            engine.apply_all(key)
+        latencies.append(time.perf_counter() - t0)
+    db.dispose()
+    return latencies
+
+
+def _raw_worker(conninfo: str, worker: int, count: int, start_at: float) -> int:
+    with psycopg.connect(conninfo, autocommit=True) as conn:
+        time.sleep(max(0.0, start_at - time.time()))
+        for i in range(count):
+            conn.execute(
+                "INSERT INTO bench_raw (k, v) VALUES (%s, 1) ON CONFLICT (k) DO UPDATE SET v = bench_raw.v + 1",
+                (f"{worker}:{i}",),
+            )
+    return count
+
+
+class Server:
+    def __init__(self, admin_url: str) -> None:
+        self.admin_url = make_url(admin_url)
+        self.admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT")
+
+    def fresh(self) -> tuple[str, str]:
+        name = f"waflow_bench_{uuid.uuid4().hex[:8]}"
+        with self.admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = self.admin_url.set(database=name).render_as_string(hide_password=False)
+        db = Database(url)
+        ensure_schema(db)
+        db.dispose()
+        return name, url
+
+    def drop(self, name: str) -> None:
+        with self.admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
+
+
+def run_engine(server: Server, scenario: str, workers: int, messages: int, rate: float | None = None) -> dict[str, float]:
+    name, url = server.fresh()
+    try:
+        plans = _plans(scenario, workers, messages, uuid.uuid4().hex[:6])
+        ctx = multiprocessing.get_context("spawn")
+        start_at = time.time() + 2.0 + workers * 0.15
+        per_worker_rate = rate / workers if rate else None
+        with ctx.Pool(workers) as pool:
+            jobs = [pool.apply_async(_worker, (url, plan, start_at, per_worker_rate)) for plan in plans]
+            results = [job.get(timeout=1800) for job in jobs]
+        wall = time.time() - start_at
+        latencies = [x for r in results for x in r]
+        lost, duplicated = _verify(url, plans)
+        return {
+            "applied": len(latencies),
+            "per_s": len(latencies) / wall,
+            "p50_ms": _percentile(latencies, 50) * 1000,
+            "p99_ms": _percentile(latencies, 99) * 1000,
+            "lost": lost,
+            "duplicated": duplicated,
+        }
+    finally:
+        server.drop(name)
+
+
+def _verify(url: str, plans: list[list[dict[str, object]]]) -> tuple[int, int]:
+    """Lost: sessions whose version/counter fall short of their messages. Duplicated: extra transitions."""
+    expected: dict[str, int] = {}
+    for plan in plans:
+        for m in plan:
+            expected[str(m["user_id"])] = expected.get(str(m["user_id"]), 0) + 1
+    db = Database(url)
+    with db.session() as s:
+        rows = s.execute(select(ChatSession.user_id, ChatSession.version, ChatSession.data)).all()
+        transitions = s.scalar(select(func.count()).select_from(Transition)) or 0
+        distinct = s.scalar(select(func.count(func.distinct(Transition.wamid)))) or 0
+    db.dispose()
+    got = {user: (version, int(data.get("count", 0))) for user, version, data in rows}
+    lost = sum(n - min(got.get(user, (0, 0))) for user, n in expected.items() if min(got.get(user, (0, 0))) < n)
+    duplicated = int(transitions) - int(distinct) + sum(max(0, got.get(u, (0, 0))[0] - n) for u, n in expected.items())
+    return lost, duplicated
+
+
+def run_raw(server: Server, workers: int, messages: int) -> float:
+    name, url = server.fresh()
+    try:
+        conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(conninfo, autocommit=True) as conn:
+            conn.execute("CREATE TABLE bench_raw (k text PRIMARY KEY, v bigint NOT NULL)")
+        ctx = multiprocessing.get_context("spawn")
+        start_at = time.time() + 1.0 + workers * 0.05
+        per_worker = messages // workers
+        with ctx.Pool(workers) as pool:
+            jobs = [pool.apply_async(_raw_worker, (conninfo, w, per_worker, start_at)) for w in range(workers)]
+            done = sum(job.get(timeout=1800) for job in jobs)
+        return done / (time.time() - start_at)
+    finally:
+        server.drop(name)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=int, default=4000, help="messages per scenario")
+    parser.add_argument("--workers", default="1,4,16")
+    parser.add_argument("--rate", type=float, default=200.0, help="fixed rate for the latency run (messages/s)")
+    args = parser.parse_args()
+    server = Server(os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL") or DEFAULT_URL)
+    print(f"{'scenario':<10}{'workers':>8}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'raw/s':>10}{'ratio':>7}"
+          f"{'lost':>6}{'dup':>5}")
+    failed = False
+    for workers in [int(w) for w in args.workers.split(",")]:
+        raw = run_raw(server, workers, args.messages)
+        for scenario in ("uniform", "hot"):
+            r = run_engine(server, scenario, workers, args.messages)
+            failed |= bool(r["lost"] or r["duplicated"])
+            print(f"{scenario:<10}{workers:>8}{r['per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+                  f"{raw:>10.0f}{r['per_s'] / raw:>7.2f}{int(r['lost']):>6}{int(r['duplicated']):>5}", flush=True)
+    paced = run_engine(server, "uniform", 4, int(args.rate * 10), rate=args.rate)
+    failed |= bool(paced["lost"] or paced["duplicated"])
+    print(f"\nfixed rate {args.rate:.0f} msgs/s, 4 workers: achieved {paced['per_s']:.0f}/s, "
+          f"p50 {paced['p50_ms']:.2f} ms, p99 {paced['p99_ms']:.2f} ms (target < 20 ms), "
+          f"lost {int(paced['lost'])}, duplicated {int(paced['duplicated'])}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
