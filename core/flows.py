@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from itertools import combinations
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -19,37 +20,26 @@ import yaml
 from core.errors import FlowDefinitionError, UnknownFlowError
 
 INPUT_KINDS = frozenset({"text", "email", "number", "choice", "media", "location", "any", "none"})
-VALIDATORS_BY_INPUT: Mapping[str, frozenset[str]] = MappingProxyType(
-    {
-        "text": frozenset({"min_length", "max_length", "pattern", "one_of"}),
-        "email": frozenset({"max_length", "pattern", "one_of"}),
-        "number": frozenset({"min", "max", "one_of"}),
-    }
-)
+VALIDATORS_BY_INPUT: Mapping[str, frozenset[str]] = MappingProxyType({
+    "text": frozenset({"min_length", "max_length", "pattern", "one_of"}),
+    "email": frozenset({"max_length", "pattern", "one_of"}),
+    "number": frozenset({"min", "max", "one_of"}),
+})
 ALL_VALIDATORS = frozenset().union(*VALIDATORS_BY_INPUT.values())
 # WhatsApp Cloud API interactive limits: (max choices, max title chars) per style.
 STYLE_LIMITS: Mapping[str, tuple[int, int]] = MappingProxyType({"button": (3, 20), "list": (10, 24)})
 ROW_DESCRIPTION_MAX = 72
 CHOICE_ID_MAX = 200  # list row ids allow 200, button ids 256: one limit keeps a step's style switchable
 INTERACTIVE_BODY_MAX = 1024
-DEFAULT_TEXTS: Mapping[str, str] = MappingProxyType(
-    {
-        "stale": "That question has moved on. Here is where we are now:",
-        "invalid": "Sorry, I didn't get that.",
-        "welcome_back": "Welcome back! Let's pick up where we left off.",
-        "opted_out": "You won't get any more messages from us. Send START if you change your mind.",
-        "opted_in": "You're subscribed again. Welcome back!",
-        "choose": "Choose",
-    }
-)
-_FLOW_KEYS = frozenset(
-    {"name", "version", "description", "start", "steps", "default_language", "languages", "reset_keywords",
-     "opt_out_keywords", "opt_in_keywords", "failure_limit", "handoff_step", "on_return", "texts"}
-)
-_STEP_KEYS = frozenset(
-    {"id", "prompt", "input", "choices", "style", "key", "validators", "next", "next_by_choice", "reprompt",
-     "failure_limit", "terminal", "increment", "sets_language", "followup_after"}
-)
+# Flow-level texts; a flow overrides any of them per language under `texts:`. "choose" labels the list button.
+DEFAULT_TEXTS: Mapping[str, str] = MappingProxyType({
+    "stale": "That question has moved on. Here is where we are now:",
+    "invalid": "Sorry, I didn't get that.",
+    "welcome_back": "Welcome back! Let's pick up where we left off.",
+    "opted_out": "You won't get any more messages from us. Send START if you change your mind.",
+    "opted_in": "You're subscribed again. Welcome back!",
+    "choose": "Choose",
+})
 _DURATION = re.compile(r"(\d+)\s*([smhd]?)")
 _UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 _EMPTY: Mapping[str, Any] = MappingProxyType({})
@@ -119,9 +109,14 @@ class Flow:
 
     def text(self, name: str, language: str) -> str:
         """A flow-level text in the language, falling back to the default language, then the built-in one."""
-        return self.texts.get(language, _EMPTY).get(name) or self.texts.get(self.default_language, _EMPTY).get(
-            name
-        ) or DEFAULT_TEXTS[name]
+        own = self.texts.get(language, _EMPTY).get(name) or self.texts.get(self.default_language, _EMPTY).get(name)
+        return own or DEFAULT_TEXTS[name]
+
+
+# Unknown keys are rejected so a typo (`nxt:`) fails at load instead of silently dropping a branch.
+_STEP_KEYS = frozenset(f.name for f in fields(Step))
+_FLOW_KEYS = frozenset(f.name for f in fields(Flow)) - {"source"} | {"description"}
+_KEYWORD_SETS = ("reset_keywords", "opt_out_keywords", "opt_in_keywords")
 
 
 class FlowRegistry:
@@ -242,19 +237,16 @@ class _Loader:
         self.default_language, self.languages = default, tuple(dict.fromkeys(languages))
 
     def _keywords(self, raw: Mapping[str, Any]) -> dict[str, frozenset[str]]:
-        defaults = {"reset_keywords": ["restart", "start over"], "opt_out_keywords": ["stop", "unsubscribe"],
-                    "opt_in_keywords": ["start"]}
         sets: dict[str, frozenset[str]] = {}
-        for name, default in defaults.items():
-            words = raw.get(name, default)
+        for name in _KEYWORD_SETS:
+            words = raw.get(name, list(getattr(Flow, name)))  # the dataclass default
             if not isinstance(words, list) or not all(isinstance(w, str) and w.strip() for w in words):
                 raise self.error(f"{name} must be a list of non-empty strings, got {words!r}")
             sets[name] = frozenset(normalize_keyword(w) for w in words)
-        names = list(sets)
-        for i, first in enumerate(names):
-            for second in names[i + 1:]:
-                if sets[first] & sets[second]:
-                    raise self.error(f"{first} and {second} share {sorted(sets[first] & sets[second])}")
+        # One message cannot both reset and opt out: the keyword sets must not overlap.
+        for first, second in combinations(_KEYWORD_SETS, 2):
+            if sets[first] & sets[second]:
+                raise self.error(f"{first} and {second} share {sorted(sets[first] & sets[second])}")
         return sets
 
     def _flow_texts(self, raw: object) -> Mapping[str, Mapping[str, str]]:
