@@ -50,6 +50,23 @@ class Settings(BaseSettings):
     send_max_attempts: int = 8
     quiet_hours_timezone: str = "UTC"
     recovery_window_hours: float = 48.0
+    # Jobs: outbox sender (see jobs/sender.py for the retry classes and the at-least-once window)
+    send_workers: int = 8
+    send_batch_size: int = 500
+    send_connect_timeout_seconds: float = 3.05
+    send_backoff_base_seconds: float = 2.0
+    send_backoff_max_seconds: float = 900.0
+    # 131056: Meta allows about one message every 6 s from one business number to one user.
+    send_recipient_retry_seconds: float = 6.0
+    # 131049 (per-user marketing limit): retried after 1 h, 4 h, 16 h, ... capped at a day.
+    send_slow_retry_seconds: float = 3600.0
+    # A "sending" claim older than this is freed by the sweeper (queued again, or uncertain if sent).
+    send_claim_timeout_seconds: float = 300.0
+    # Jobs: sweeper, follow-ups, singleton runs
+    sweeper_pending_age_seconds: float = 30.0
+    followups_batch_size: int = 200
+    # SQLite only (PostgreSQL uses advisory locks): an unfinished run older than this no longer blocks.
+    job_lease_seconds: float = 900.0
 
     # Webhook server: how often the in-process sweeper looks for pending messages.
     pending_sweep_interval_seconds: float = 5.0

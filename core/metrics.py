@@ -20,3 +20,20 @@ LOCK_WAIT = Histogram(
     "Time spent waiting for a user's session lock",
     buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0),
 )
+
+# Outbox sender (jobs/sender.py)
+OUTBOX_RESULTS = Counter(
+    "waflow_outbox_results_total",
+    "Outbox send attempts by result (sent, retry, failed, uncertain, paused, cancelled)",
+    ["result"],
+)
+OUTBOX_ERRORS = Counter("waflow_outbox_errors_total", "Graph API errors by Meta error code", ["code"])
+SEND_LATENCY = Histogram(
+    "waflow_send_seconds",
+    "Graph API send call duration",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
+)
+SENDER_PAUSED = Gauge(
+    "waflow_sender_paused", "1 while sending from a business number is paused, by error code", ["phone_number_id", "code"]
+)
+JOB_RUNS = Counter("waflow_job_runs_total", "Job runs by job and result (ok, error, skipped)", ["job", "result"])

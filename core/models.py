@@ -184,10 +184,13 @@ class Outbox(Base):
     error_title: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None]
+    # Written (and committed) just before the HTTP call: a stale claim without it was never sent.
+    send_started_at: Mapped[datetime | None]
 
     __table_args__ = (
         Index("ix_outbox_due", "status", "next_attempt_at"),
         Index("ix_outbox_session", "phone_number_id", "user_id", "id"),
+        Index("ix_outbox_campaign", "campaign_id"),
     )
 
 
@@ -299,8 +302,13 @@ class JobRun(Base):
     ok: Mapped[bool | None] = mapped_column(Boolean)
     result: Mapped[dict[str, Any]] = mapped_column(default=dict)
     owner: Mapped[str | None] = mapped_column(String(100))
+    # "<job>:<slot>" for scheduled runs: unique, so two schedulers firing the same slot run it once.
+    run_key: Mapped[str | None] = mapped_column(String(200))
 
-    __table_args__ = (Index("ix_job_runs_job_started", "job", "started_at"),)
+    __table_args__ = (
+        Index("ix_job_runs_job_started", "job", "started_at"),
+        Index("uq_job_runs_run_key", "run_key", unique=True),
+    )
 
 
 class WebhookStat(Base):
