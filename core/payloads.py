@@ -1,0 +1,503 @@
+"""Parse and validate WhatsApp Cloud API webhook bodies into normalized messages and delivery statuses.
+
+Pure: bytes in, `ParsedWebhook` out, no I/O and no clock. A body that cannot be accepted raises
+`PayloadError` with a reason that is safe to send back (the webhook answers 400); nothing else escapes.
+Unknown fields are ignored (Meta adds fields over time) and missing optional parts are normal; what is
+skipped on purpose is listed in `ParsedWebhook.notes` for the log.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import ValidationError
+
+from core.errors import PayloadError
+from core.messages import InboundMessage, Location, Media, StatusUpdate
+
+# Meta sends bodies up to 3 MB; the webhook answers 413 above this cap, before reading further.
+MAX_BODY_BYTES = 3 * 1024 * 1024 + 64 * 1024
+# Real payloads nest about 10 levels; json.loads recurses per level and raises RecursionError when deep.
+MAX_DEPTH = 64
+WHATSAPP_OBJECT = "whatsapp_business_account"
+MESSAGES_FIELD = "messages"
+# Unix seconds up to 9999-12-31T23:59:59Z: anything larger cannot become a datetime downstream.
+MAX_TIMESTAMP = 253_402_300_799
+
+Json = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ParsedWebhook:
+    object: str
+    messages: list[InboundMessage]  # in payload order; the engine sorts per user by timestamp
+    statuses: list[StatusUpdate]
+    notes: list[str] = field(default_factory=list)  # what was ignored and why, for the log
+
+    @property
+    def relevant(self) -> bool:
+        return self.object == WHATSAPP_OBJECT
+
+
+def parse_webhook(raw: bytes) -> ParsedWebhook:
+    """Parse one POST body. Raises `PayloadError` (and only that) when the body must be rejected."""
+    try:
+        return _parse(raw)
+    except PayloadError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError, RecursionError) as e:
+        # Safety net: every shape problem should already have its own clear message above.
+        raise PayloadError(f"malformed payload ({type(e).__name__})") from e
+
+
+# --------------------------------------------------------------------------- bytes -> JSON
+
+_KEEP_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
+_AS_PARENS = bytes.maketrans(b"[]{}", b"()()")
+_RUNS = re.compile(rb"\(+|\)+")
+_OPEN = ord("(")
+_PEEL_PASSES = 8
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _too_deep(raw: bytes, limit: int = MAX_DEPTH) -> bool:
+    """Whether the JSON text nests more than `limit` arrays/objects, computed without recursion.
+
+    Drops escaped backslashes and quotes, then the strings, keeps only brackets (all C-speed passes), peels
+    the innermost `()` pairs a few times (each peel lowers the depth by one and shrinks the text a lot),
+    then walks the remaining runs of `(` and `)`. Any 3 MB body takes well under a second.
+    """
+    # Removing `\\` pairs left to right, then `\"`, is how a JSON lexer reads backslash runs.
+    unescaped = raw.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Outside strings = every other piece between quotes (an unterminated last string drops out too).
+    outside = b"".join(unescaped.split(b'"')[::2])
+    brackets = outside.translate(_AS_PARENS, _KEEP_BRACKETS)
+    peeled = 0
+    while peeled < _PEEL_PASSES:
+        shorter = brackets.replace(b"()", b"")
+        if len(shorter) == len(brackets):
+            break
+        brackets, peeled = shorter, peeled + 1
+    depth = 0
+    for run in _RUNS.finditer(brackets):
+        size = run.end() - run.start()
+        if brackets[run.start()] == _OPEN:
+            depth += size
+            if depth + peeled > limit:
+                return True
+        else:
+            depth -= size
+            if depth < 0:  # a closer without opener: invalid JSON that json.loads reports before going deep
+                return False
+    return False
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _json_error(e: json.JSONDecodeError, text: str) -> PayloadError:
+    if e.pos >= len(text.rstrip()) or e.msg.startswith("Unterminated string"):
+        return PayloadError(f"truncated JSON: {e.msg} at line {e.lineno} column {e.colno}")
+    return PayloadError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}")
+
+
+def _load_json(raw: bytes) -> Any:
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise PayloadError("body must be bytes")
+    raw = bytes(raw)
+    if len(raw) > MAX_BODY_BYTES:
+        raise PayloadError(f"body larger than {MAX_BODY_BYTES} bytes")
+    if not raw.strip():
+        raise PayloadError("empty body")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PayloadError(f"invalid UTF-8 at byte {e.start}") from e
+    if _too_deep(raw):
+        raise PayloadError(f"invalid JSON: nested deeper than {MAX_DEPTH} levels")
+    try:
+        data = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise _json_error(e, text) from e
+    except (ValueError, RecursionError) as e:
+        raise PayloadError(f"invalid JSON: {e}") from e
+    if _SURROGATE_ESCAPE.search(text):
+        _reject_lone_surrogates(data)
+    return data
+
+
+def _reject_lone_surrogates(data: Any) -> None:
+    # `\ud83d` without its low half decodes to a str that no UTF-8 store or log can encode later.
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PayloadError("invalid JSON: unpaired UTF-16 surrogate escape in a string") from e
+
+
+# --------------------------------------------------------------------------- typed access with a path
+
+_TYPE_NAMES = {bool: "boolean", int: "number", float: "number", str: "string", list: "array", dict: "object"}
+
+
+def _type_name(value: Any) -> str:
+    return "null" if value is None else _TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _wrong(path: str, expected: str, value: Any) -> PayloadError:
+    return PayloadError(f"{path} must be {expected}, got {_type_name(value)}")
+
+
+def _as_dict(value: Any, path: str) -> Json:
+    if not isinstance(value, dict):
+        raise _wrong(path, "an object", value)
+    return value
+
+
+def _opt_dict(obj: Json, key: str, path: str) -> Json | None:
+    value = obj.get(key)
+    return None if value is None else _as_dict(value, f"{path}.{key}")
+
+
+def _opt_list(obj: Json, key: str, path: str) -> list[Any]:
+    value = obj.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise _wrong(f"{path}.{key}", "an array", value)
+    return value
+
+
+def _dict_items(obj: Json, key: str, path: str) -> list[Json]:
+    return [_as_dict(item, f"{path}.{key}[{i}]") for i, item in enumerate(_opt_list(obj, key, path))]
+
+
+def _opt_str(obj: Json, key: str, path: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise _wrong(f"{path}.{key}", "a string", value)
+    return value
+
+
+def _req_str(obj: Json, key: str, path: str) -> str:
+    value = _opt_str(obj, key, path)
+    if not value:
+        raise PayloadError(f"{path}: missing '{key}'")
+    return value
+
+
+def _opt_bool(obj: Json, key: str, path: str) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _wrong(f"{path}.{key}", "a boolean", value)
+    return value
+
+
+def _number(obj: Json, key: str, path: str) -> float:
+    value = obj.get(key)
+    if value is None:
+        raise PayloadError(f"{path}: missing '{key}'")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _wrong(f"{path}.{key}", "a number", value)
+    return float(value)
+
+
+def _timestamp(obj: Json, path: str) -> int:
+    value = obj.get("timestamp")
+    if value is None:
+        raise PayloadError(f"{path}: missing 'timestamp'")
+    # Meta sends Unix seconds as a digit string; the length check keeps int() cheap and in range.
+    if not (isinstance(value, str) and 0 < len(value) <= 20 and value.isascii() and value.isdigit()):
+        raise PayloadError(f"{path}.timestamp must be Unix seconds as a digit string, got {_short(value)}")
+    seconds = int(value)
+    if seconds > MAX_TIMESTAMP:
+        raise PayloadError(f"{path}.timestamp {value} is out of range")
+    return seconds
+
+
+def _errors(obj: Json, path: str) -> list[Json] | None:
+    errors = _dict_items(obj, "errors", path)
+    return errors or None
+
+
+def _describe_errors(errors: list[Json]) -> str:
+    return "; ".join(f"{e.get('code')} {e.get('title') or e.get('message') or ''}".strip() for e in errors)
+
+
+# --------------------------------------------------------------------------- one normalizer per kind
+
+Fields = dict[str, Any]
+
+
+def _text(payload: Json, path: str) -> Fields:
+    return {"text": _opt_str(payload, "body", path)}
+
+
+def _reply(payload: Json, path: str) -> Fields:
+    return {"choice_id": _opt_str(payload, "id", path), "choice_title": _opt_str(payload, "title", path)}
+
+
+def _flow_reply(payload: Json, path: str) -> Fields:
+    return {"text": _opt_str(payload, "response_json", path)}
+
+
+_INTERACTIVE: dict[str, Callable[[Json, str], Fields]] = {
+    "button_reply": _reply,
+    "list_reply": _reply,
+    "nfm_reply": _flow_reply,
+}
+
+
+def _interactive(payload: Json, path: str) -> Fields:
+    kind = _opt_str(payload, "type", path)
+    if kind is None:  # the reply object alone says which reply it is
+        kind = next((name for name in _INTERACTIVE if name in payload), "")
+    normalizer = _INTERACTIVE.get(kind)
+    reply = _opt_dict(payload, kind, path) if normalizer else None
+    if normalizer is None or reply is None:
+        return {}
+    return normalizer(reply, f"{path}.{kind}")
+
+
+def _button(payload: Json, path: str) -> Fields:
+    return {"choice_id": _opt_str(payload, "payload", path), "text": _opt_str(payload, "text", path)}
+
+
+def _media(payload: Json, path: str) -> Fields:
+    media = Media(
+        id=_opt_str(payload, "id", path),
+        mime_type=_opt_str(payload, "mime_type", path),
+        caption=_opt_str(payload, "caption", path),
+        filename=_opt_str(payload, "filename", path),
+        sha256=_opt_str(payload, "sha256", path),
+        voice=_opt_bool(payload, "voice", path),
+    )
+    return {"media": media, "text": media.caption}
+
+
+def _location(payload: Json, path: str) -> Fields:
+    location = Location(
+        latitude=_number(payload, "latitude", path),
+        longitude=_number(payload, "longitude", path),
+        name=_opt_str(payload, "name", path),
+        address=_opt_str(payload, "address", path),
+        url=_opt_str(payload, "url", path),
+    )
+    return {"location": location}
+
+
+def _order(payload: Json, path: str) -> Fields:
+    order = {
+        "catalog_id": _opt_str(payload, "catalog_id", path),
+        "text": _opt_str(payload, "text", path),
+        "product_items": _dict_items(payload, "product_items", path),
+    }
+    return {"order": order}
+
+
+def _reaction(payload: Json, path: str) -> Fields:
+    # An absent or empty emoji means the user removed their reaction.
+    return {"reacted_to": _opt_str(payload, "message_id", path), "emoji": _opt_str(payload, "emoji", path) or None}
+
+
+def _system(payload: Json, path: str) -> Fields:
+    fields: Fields = {"text": _opt_str(payload, "body", path)}
+    if _opt_str(payload, "type", path) == "user_changed_number":
+        wa_id, new_wa_id = _opt_str(payload, "wa_id", path), _opt_str(payload, "new_wa_id", path)
+        fields["new_user_id"] = wa_id or new_wa_id
+    return fields
+
+
+# Keyed by message `type`; the payload is the message's object of the same name. Kinds missing here
+# (unsupported, unknown, request_welcome...) keep only the common fields and `raw`.
+_NORMALIZERS: dict[str, Callable[[Json, str], Fields]] = {
+    "text": _text,
+    "interactive": _interactive,
+    "button": _button,
+    "image": _media,
+    "document": _media,
+    "audio": _media,
+    "video": _media,
+    "sticker": _media,
+    "location": _location,
+    "order": _order,
+    "reaction": _reaction,
+    "system": _system,
+}
+
+
+def _kind_fields(msg: Json, kind: str, path: str) -> Fields:
+    if kind == "contacts":
+        # Cards the user shared; the sender's own profile is value.contacts, read elsewhere.
+        return {"contacts": _dict_items(msg, "contacts", path)} if msg.get("contacts") is not None else {}
+    normalizer = _NORMALIZERS.get(kind)
+    payload = _opt_dict(msg, kind, path) if normalizer else None
+    if normalizer is None or payload is None:
+        # A missing payload object is tolerated: Meta sends e.g. `interactive` without it next to value.errors.
+        return {}
+    return normalizer(payload, f"{path}.{kind}")
+
+
+# --------------------------------------------------------------------------- messages and statuses
+
+
+def _user_ids(msg: Json, path: str) -> tuple[str, str | None]:
+    """The session user (`from`, else the business-scoped `from_user_id`) and the business-scoped id."""
+    phone, scoped = _opt_str(msg, "from", path), _opt_str(msg, "from_user_id", path)
+    user_id = phone or scoped
+    if not user_id:
+        raise PayloadError(f"{path}: message has neither 'from' nor 'from_user_id'")
+    return user_id, scoped
+
+
+def _profiles(value: Json, path: str) -> dict[str, str]:
+    """Sender profile names from value.contacts, by wa_id and by business-scoped user_id."""
+    names: dict[str, str] = {}
+    for i, contact in enumerate(_dict_items(value, "contacts", path)):
+        where = f"{path}.contacts[{i}]"
+        profile = _opt_dict(contact, "profile", where)
+        name = _opt_str(profile, "name", f"{where}.profile") if profile else None
+        for key in ("wa_id", "user_id"):
+            contact_id = _opt_str(contact, key, where)
+            if contact_id and name is not None:
+                names.setdefault(contact_id, name)
+    return names
+
+
+def _build(model: type[Any], path: str, **fields: Any) -> Any:
+    try:
+        return model(**fields)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise PayloadError(f"{path}: {where}: {first['msg']}") from e
+
+
+def _parse_message(obj: Any, path: str, phone_number_id: str, profiles: dict[str, str]) -> InboundMessage:
+    msg = _as_dict(obj, path)
+    wamid = _req_str(msg, "id", path)
+    user_id, scoped_id = _user_ids(msg, path)
+    timestamp = _timestamp(msg, path)
+    kind = _opt_str(msg, "type", path) or "unknown"
+    context = _opt_dict(msg, "context", path)
+    profile_name = profiles.get(user_id) or (profiles.get(scoped_id) if scoped_id else None)
+    return _build(
+        InboundMessage,
+        path,
+        phone_number_id=phone_number_id,
+        user_id=user_id,
+        wamid=wamid,
+        timestamp=timestamp,
+        kind=kind,
+        context_id=_opt_str(context, "id", f"{path}.context") if context else None,
+        profile_name=profile_name,
+        errors=_errors(msg, path),
+        raw=msg,
+        **_kind_fields(msg, kind, path),
+    )
+
+
+def _parse_status(obj: Any, path: str, phone_number_id: str) -> StatusUpdate:
+    status = _as_dict(obj, path)
+    recipient_id, recipient_user_id = (
+        _opt_str(status, "recipient_id", path),
+        _opt_str(status, "recipient_user_id", path),
+    )
+    return _build(
+        StatusUpdate,
+        path,
+        phone_number_id=phone_number_id,
+        wamid=_req_str(status, "id", path),
+        status=_req_str(status, "status", path),
+        timestamp=_timestamp(status, path),
+        # Sent to a business-scoped user id only, a status may carry recipient_user_id alone.
+        recipient_id=recipient_id or recipient_user_id,
+        errors=_errors(status, path) or [],
+        biz_opaque_callback_data=_opt_str(status, "biz_opaque_callback_data", path),
+        raw=status,
+    )
+
+
+def _phone_number_id(value: Json, path: str) -> str:
+    metadata = _opt_dict(value, "metadata", path)
+    phone_number_id = _opt_str(metadata, "phone_number_id", f"{path}.metadata") if metadata else None
+    if not phone_number_id:
+        # Never guess which business number a message was sent to.
+        raise PayloadError(f"{path}: missing 'metadata.phone_number_id'")
+    return phone_number_id
+
+
+@dataclass
+class _Collected:
+    messages: list[InboundMessage] = field(default_factory=list)
+    statuses: list[StatusUpdate] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _parse_value(value: Json, path: str, out: _Collected) -> None:
+    errors = _errors(value, path)
+    if errors:
+        out.notes.append(f"{path}.errors: {_describe_errors(errors)}")
+    messages = _opt_list(value, "messages", path)
+    statuses = _opt_list(value, "statuses", path)
+    if not messages and not statuses:
+        return
+    phone_number_id = _phone_number_id(value, path)
+    profiles = _profiles(value, path) if messages else {}
+    for i, obj in enumerate(messages):
+        message = _parse_message(obj, f"{path}.messages[{i}]", phone_number_id, profiles)
+        if message.errors:
+            out.notes.append(f"message {message.wamid} ({message.kind}): {_describe_errors(message.errors)}")
+        out.messages.append(message)
+    for i, obj in enumerate(statuses):
+        out.statuses.append(_parse_status(obj, f"{path}.statuses[{i}]", phone_number_id))
+
+
+def _parse_change(obj: Any, path: str, out: _Collected) -> None:
+    change = _as_dict(obj, path)
+    field_name = _opt_str(change, "field", path)
+    value = change.get("value")
+    carries_messages = isinstance(value, dict) and ("messages" in value or "statuses" in value)
+    if field_name == MESSAGES_FIELD or (field_name is None and carries_messages):
+        if value is None:
+            raise PayloadError(f"{path}: missing 'value'")
+        _parse_value(_as_dict(value, f"{path}.value"), f"{path}.value", out)
+    else:
+        out.notes.append(f"{path}: ignored field {_short(field_name)}")
+
+
+def _parse(raw: bytes) -> ParsedWebhook:
+    data = _load_json(raw)
+    if not isinstance(data, dict):
+        raise PayloadError(f"top-level JSON must be an object, got {_type_name(data)}")
+    obj = _req_str(data, "object", "body")
+    if "entry" not in data or data["entry"] is None:
+        raise PayloadError("body: missing 'entry'")
+    entries = _opt_list(data, "entry", "body")
+    if obj != WHATSAPP_OBJECT:
+        return ParsedWebhook(object=obj, messages=[], statuses=[], notes=[f"ignored object {_short(obj)}"])
+    out = _Collected()
+    for i, entry_obj in enumerate(entries):
+        entry = _as_dict(entry_obj, f"entry[{i}]")
+        for j, change in enumerate(_opt_list(entry, "changes", f"entry[{i}]")):
+            _parse_change(change, f"entry[{i}].changes[{j}]", out)
+    return ParsedWebhook(object=obj, messages=out.messages, statuses=out.statuses, notes=out.notes)
