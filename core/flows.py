@@ -95,6 +95,9 @@ class Flow:
     failure_limit: int = 3
     handoff_step: str | None = None
     on_return: str = "resume"
+    # "greet": a new user's first message only triggers the start prompt; "answer": it answers the start step
+    # (keyword-triggered or counting flows, where the first message already carries data).
+    first_message: str = "greet"
     texts: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: MappingProxyType({"en": DEFAULT_TEXTS}))
     source: str = "<memory>"
 
@@ -215,10 +218,13 @@ class _Loader:
             steps=MappingProxyType(steps), default_language=self.default_language, languages=self.languages,
             failure_limit=self._positive_int(raw.get("failure_limit"), "failure_limit", None) or 3,
             handoff_step=self._name(raw, "handoff_step", None), on_return=raw.get("on_return", "resume"),
+            first_message=raw.get("first_message", "greet"),
             texts=self._flow_texts(raw.get("texts")), source=self.source, **self._keywords(raw),
         )
         if flow.on_return not in ("resume", "restart"):
             raise self.error(f"on_return must be 'resume' or 'restart', got {flow.on_return!r}")
+        if flow.first_message not in ("greet", "answer"):
+            raise self.error(f"first_message must be 'greet' or 'answer', got {flow.first_message!r}")
         self._check_graph(flow)
         return flow
 

@@ -77,6 +77,8 @@ def decide(flow: Flow, state: SessionState | None, message: InboundMessage, *,
     # Opt-out is honoured in every state, also before a session exists: it is a legal duty, not a flow step.
     if keyword in flow.opt_out_keywords or keyword in flow.opt_in_keywords:
         return _opt(flow, state, opted_out=keyword in flow.opt_out_keywords)
+    if state is None and flow.first_message == "answer":
+        return _decide_active(flow, new_session(flow), message, keyword, context_step)
     if state is None:
         return _restart(flow, None, flow.default_language, "started")
     if state.status == "archived":

@@ -465,11 +465,13 @@ def test_list_rows_have_descriptions_only_when_given() -> None:
 
 
 def test_counter_loops_and_counts() -> None:
+    # the counter flow says first_message: answer, so the very first message already counts
     start = decide(COUNTER, None, text("go"))
+    assert (start.outcome, start.data["count"]) == ("advanced", 1)
     decisions = run(COUNTER, after(start), text("a"), tap("b"), msg("sticker", media=Media(id="s")))
     assert [(d.outcome, d.from_step, d.to_step, d.data["count"]) for d in decisions] == [
-        ("advanced", "count", "count", 1), ("advanced", "count", "count", 2), ("advanced", "count", "count", 3)]
-    assert only_text(decisions[-1]) == "Counted 3."
+        ("advanced", "count", "count", 2), ("advanced", "count", "count", 3), ("advanced", "count", "count", 4)]
+    assert only_text(decisions[-1]) == "Counted 4."
 
 
 def test_counter_with_a_bad_stored_count_starts_again_from_one() -> None:
@@ -535,3 +537,11 @@ def test_decide_does_not_mutate_and_is_deterministic() -> None:
     for message in (text("restart"), text("stop"), text("bad")):
         decide(LEAD, state, message).data["x"] = 1
         assert "x" not in data
+
+
+def test_first_message_answers_the_start_step_when_the_flow_says_so() -> None:
+    from tests.factories import text
+
+    counter = load_flow_file(Path(__file__).parent / "data" / "flows" / "counter.yaml")
+    first = decide(counter, None, text("14155550101", "one", 1))
+    assert (first.outcome, first.from_step, first.to_step, first.data) == ("advanced", "count", "count", {"count": 1})

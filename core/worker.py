@@ -1,0 +1,127 @@
+"""Background work inside the webhook server: apply stored messages off the request path, sweep leftovers,
+and flush per-minute request counts. Threads, because every step is blocking database I/O."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy.dialects import postgresql, sqlite
+
+from core.db import Database
+from core.engine import Engine, SessionKey
+from core.errors import WaflowError
+from core.models import WebhookStat
+
+log = logging.getLogger(__name__)
+
+
+class ApplyWorker:
+    """Applies users' pending messages right after the webhook stored them. Losing this queue loses
+    nothing: the messages are durable and the sweeper applies whatever is still pending."""
+
+    def __init__(self, engine: Engine, threads: int = 2) -> None:
+        self.engine = engine
+        self.queue: queue.Queue[SessionKey | None] = queue.Queue()
+        self.threads = [threading.Thread(target=self._run, name=f"apply-{i}", daemon=True) for i in range(threads)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def submit(self, keys: list[SessionKey]) -> None:
+        for key in keys:
+            self.queue.put(key)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for _ in self.threads:
+            self.queue.put(None)
+        for thread in self.threads:
+            thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            key = self.queue.get()
+            if key is None:
+                return
+            try:
+                self.engine.apply_all(key)
+            except WaflowError as e:
+                log.warning("apply of %s deferred to the sweeper: %s", key, e)
+            except Exception:
+                log.exception("apply of %s failed; it stays pending for the sweeper", key)
+
+
+class Periodic:
+    """Runs `fn` every `interval` seconds on a daemon thread until stopped."""
+
+    def __init__(self, name: str, interval: float, fn: Any) -> None:
+        self.interval = interval
+        self.fn = fn
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stopped.set()
+        self.thread.join(timeout)
+        self._once()
+
+    def _run(self) -> None:
+        while not self.stopped.wait(self.interval):
+            self._once()
+
+    def _once(self) -> None:
+        try:
+            self.fn()
+        except WaflowError as e:
+            log.warning("%s: %s", self.thread.name, e)
+        except Exception:
+            log.exception("%s failed", self.thread.name)
+
+
+def sweep(engine: Engine, grace: timedelta) -> None:
+    """Apply messages pending for longer than `grace` (the live worker handles fresh ones)."""
+    applied = engine.process_pending(older_than=grace)
+    if applied:
+        log.info("sweeper applied %d message(s) left pending", applied)
+    engine.pending_count()
+
+
+class RequestStats:
+    """Counts webhook results in memory; `flush` adds them to webhook_stats (one row per minute+result)."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self.lock = threading.Lock()
+        self.counts: Counter[tuple[datetime, str]] = Counter()
+
+    def add(self, result: str, n: int = 1) -> None:
+        bucket = datetime.now(UTC).replace(second=0, microsecond=0)
+        with self.lock:
+            self.counts[(bucket, result)] += n
+
+    def flush(self) -> None:
+        with self.lock:
+            counts, self.counts = self.counts, Counter()
+        if not counts:
+            return
+        rows = [{"bucket": b, "result": r, "count": n} for (b, r), n in counts.items()]
+        try:
+            with self.db.begin() as conn:
+                insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+                stmt = insert(WebhookStat).values(rows)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["bucket", "result"], set_={"count": WebhookStat.count + stmt.excluded["count"]}
+                )
+                conn.execute(stmt)
+        except Exception:
+            with self.lock:
+                self.counts.update(counts)  # keep them for the next flush
+            raise
