@@ -13,6 +13,7 @@ from core.errors import WaflowError
 # Each module exposes `register(subparsers)`; the list is explicit so a command is one grep away.
 COMMAND_MODULES = (
     "core.commands.engine",
+    "core.commands.serve",
 )
 
 

@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     # SQLite only (PostgreSQL uses advisory locks): an unfinished run older than this no longer blocks.
     job_lease_seconds: float = 900.0
 
-    # Webhook server: how often the in-process sweeper looks for pending messages.
+    # Webhook server: threads applying stored messages, and how often the in-process sweeper runs.
+    apply_threads: int = 2
     pending_sweep_interval_seconds: float = 5.0
 
     # Dashboard sign-in. DASHBOARD_USERS: "name:role:sha256hex,..." (role admin|viewer).

@@ -317,7 +317,7 @@ class _UserBatch:
         try:
             return registry.get(s["flow"], s["flow_version"])
         except UnknownFlowError:
-            log.warning("flow %s v%s no longer exists; %s continues on the latest", s["flow"], s["flow_version"], self.key)
+            log.warning("flow %s v%s is gone; %s continues on the latest", s["flow"], s["flow_version"], self.key)
             latest = registry.latest(s["flow"])
             s["flow_version"] = latest.version
             return latest

@@ -105,7 +105,13 @@ def _link_outbox(conn: Connection, status: StatusUpdate) -> None:
     if opaque and opaque.isdigit():
         conn.execute(
             update(Outbox)
-            .where(and_(Outbox.id == int(opaque), Outbox.wamid.is_(None), Outbox.phone_number_id == status.phone_number_id))
+            .where(
+                and_(
+                    Outbox.id == int(opaque),
+                    Outbox.wamid.is_(None),
+                    Outbox.phone_number_id == status.phone_number_id,
+                )
+            )
             .values(wamid=status.wamid)
         )
 

@@ -1,0 +1,212 @@
+"""The HTTP front: WhatsApp webhook (handshake + signed POSTs), health, metrics and the admin API.
+
+POST /webhook: cap the body → verify the signature on the raw bytes → parse → store (dedupe on wamid)
+→ 200. Applying happens right after, off the request path (core.worker); nothing slow runs before the 200.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import timedelta
+
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from core import metrics
+from core.admin import AdminUnauthorized, admin_router, ops_router
+from core.config import Settings, get_settings
+from core.db import Database
+from core.engine import Engine, IngestResult
+from core.errors import DatabaseUnavailableError, PayloadError
+from core.flows import FlowRegistry
+from core.migrate import ensure_schema
+from core.payloads import MAX_BODY_BYTES, ParsedWebhook, parse_webhook
+from core.signature import verify_signature
+from core.statuses import record_statuses
+from core.worker import ApplyWorker, Periodic, RequestStats, sweep
+
+log = logging.getLogger(__name__)
+
+STATS_FLUSH_SECONDS = 5.0
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def _read_capped(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY_BYTES:
+            raise BodyTooLarge  # stop reading: a lying or missing Content-Length cannot make us buffer more
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class WebhookService:
+    """Everything a request needs, built once per process by the lifespan."""
+
+    def __init__(self, settings: Settings, db: Database, engine: Engine, *, background: bool = True) -> None:
+        self.settings = settings
+        self.db = db
+        self.engine = engine
+        self.stats = RequestStats(db)
+        self.worker = ApplyWorker(engine, threads=settings.apply_threads) if background else None
+        interval = settings.pending_sweep_interval_seconds
+        self.periodic = [
+            Periodic("sweeper", interval, lambda: sweep(engine, timedelta(seconds=interval))),
+            Periodic("stats", STATS_FLUSH_SECONDS, self.stats.flush),
+        ]
+
+    def start(self) -> None:
+        if self.worker:
+            self.worker.start()
+        for job in self.periodic:
+            job.start()
+
+    def stop(self) -> None:
+        if self.worker:
+            self.worker.stop()
+        for job in self.periodic:
+            job.stop()
+        self.db.dispose()
+
+    def refresh_gauges(self) -> None:
+        self.engine.pending_count()
+
+    def count(self, result: str, n: int = 1) -> None:
+        metrics.WEBHOOK_REQUESTS.labels(result).inc(n)
+        self.stats.add(result, n)
+
+    def store(self, parsed: ParsedWebhook) -> IngestResult:
+        """Durably store messages and statuses; only then may the request be answered 200."""
+        result = self.engine.ingest(parsed.messages)
+        record_statuses(self.db, parsed.statuses)
+        return result
+
+    def apply_now(self, result: IngestResult) -> None:
+        if self.worker:
+            self.worker.submit(result.session_keys)
+        else:
+            for key in result.session_keys:
+                self.engine.apply_all(key)
+
+
+def create_app(
+    settings: Settings | None = None, *, flows: FlowRegistry | None = None, background: bool = True
+) -> FastAPI:
+    """The ASGI app. `background=False` applies messages inside the request (tests that need determinism)."""
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
+        ensure_schema(db)
+        service = WebhookService(settings, db, Engine(db, flows, settings), background=background)
+        service.start()
+        app.state.service = service
+        try:
+            yield
+        finally:
+            service.stop()
+
+    app = FastAPI(title="waflow", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.settings = settings
+    app.include_router(ops_router)
+    app.include_router(admin_router)
+    _routes(app)
+    _error_handlers(app)
+    return app
+
+
+def app_factory() -> FastAPI:
+    """For `uvicorn --factory core.webhook:app_factory` (several worker processes, settings from env)."""
+    return create_app()
+
+
+def _routes(app: FastAPI) -> None:
+    app.add_api_route("/webhook", verify, methods=["GET"])
+    app.add_api_route("/webhook", receive, methods=["POST"])
+
+
+async def verify(request: Request) -> Response:
+    """Meta's subscription handshake: echo hub.challenge exactly as received, only for the right token."""
+    params = request.query_params
+    mode, token, challenge = params.get("hub.mode"), params.get("hub.verify_token"), params.get("hub.challenge")
+    expected = request.app.state.settings.whatsapp_verify_token
+    if not expected:
+        return _error(403, "webhook verification is not configured (WHATSAPP_VERIFY_TOKEN)")
+    if mode != "subscribe" or token is None or challenge is None:
+        return _error(400, "expected hub.mode=subscribe, hub.verify_token and hub.challenge")
+    if not hmac.compare_digest(token.encode(), expected.encode()):
+        return _error(403, "verify token does not match")
+    return PlainTextResponse(challenge)
+
+
+async def receive(request: Request) -> Response:
+    service: WebhookService = request.app.state.service
+    try:
+        raw = await _read_capped(request)
+    except BodyTooLarge:
+        service.count("rejected_too_large")
+        return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+    if not verify_signature(raw, request.headers.get("x-hub-signature-256"), service.settings.app_secrets):
+        metrics.SIGNATURE_FAILURES.inc()
+        service.count("rejected_signature")
+        return _error(401, "missing or invalid X-Hub-Signature-256")
+    try:
+        parsed = await run_in_threadpool(parse_webhook, raw)
+    except PayloadError as e:
+        service.count("rejected_payload")
+        return _error(400, str(e))
+    for note in parsed.notes:
+        log.info("webhook: %s", note)
+    if not parsed.relevant:
+        service.count("ignored_object")
+        return JSONResponse({"status": "ignored", "object": parsed.object})
+    result = await run_in_threadpool(service.store, parsed)
+    service.count("accepted")
+    if result.duplicates:
+        service.count("duplicate", result.duplicates)
+    if service.worker is None:
+        await run_in_threadpool(service.apply_now, result)
+    else:
+        service.apply_now(result)
+    body = {"status": "ok", "stored": result.stored, "duplicates": result.duplicates, "statuses": len(parsed.statuses)}
+    return JSONResponse(body)
+
+
+def _error_handlers(app: FastAPI) -> None:
+    async def unavailable(request: Request, exc: Exception) -> Response:
+        service = getattr(request.app.state, "service", None)
+        if service is not None:
+            metrics.WEBHOOK_REQUESTS.labels("unavailable").inc()
+        log.warning("database unavailable: %s", exc)
+        # Meta retries non-200 answers for days: a 503 loses nothing.
+        return _error(503, "database unavailable, retry later")
+
+    async def unauthorized(_request: Request, _exc: Exception) -> Response:
+        return JSONResponse(
+            {"error": "admin API needs Authorization: Bearer $ADMIN_TOKEN"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    app.add_exception_handler(AdminUnauthorized, unauthorized)
+    app.add_exception_handler(DatabaseUnavailableError, unavailable)
+    app.add_exception_handler(OperationalError, unavailable)
+    app.add_exception_handler(DBAPIError, unavailable)
