@@ -1,0 +1,734 @@
+"""Analytics queries for the dashboard and the CLI: every number they show comes from a function here.
+
+Each function takes the `Database` (plus filters) and returns a pandas DataFrame. The heavy lifting
+(filtering, grouping, counting) runs in SQL through SQLAlchemy Core, the same statement on SQLite and
+PostgreSQL. Percentiles run as `percentile_cont` on PostgreSQL and as pandas' linear quantile on
+SQLite: both interpolate the same way, so the two backends give the same numbers.
+
+Times that describe users are WhatsApp times (`transitions.at`, `sessions.last_inbound_at`), see
+DESIGN.md; `applied_at` / `received_at` only feed the operational health figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+from sqlalchemy import (
+    ColumnElement,
+    Float,
+    Select,
+    and_,
+    case,
+    cast,
+    false,
+    func,
+    literal,
+    literal_column,
+    or_,
+    select,
+    true,
+)
+from sqlalchemy.orm import InstrumentedAttribute
+
+from core.db import Database
+from core.flows import Flow
+from core.models import (
+    ChatSession,
+    FollowUp,
+    InboundEvent,
+    JobRun,
+    MessageStatus,
+    Outbox,
+    SenderPause,
+    Transition,
+    WebhookStat,
+)
+from core.views import SERVICE_WINDOW
+
+QUANTILES = (0.5, 0.9, 0.99)
+# Outcomes that move a user from one step to another: the ones latency and friction are about.
+MOVING_OUTCOMES = ("advanced", "completed", "handoff")
+# Subscription changes are logged as transitions but say nothing about progress through a flow.
+NOT_PROGRESS = ("opted_out", "opted_in")
+SESSION_STATUSES = ("active", "completed", "archived")
+
+# A SELECT of any shape, and a column or an ORM attribute, as the helpers below accept them.
+Query = Select[*tuple[Any, ...]]
+Expr = ColumnElement[Any] | InstrumentedAttribute[Any]
+
+
+@dataclass(frozen=True)
+class Filters:
+    """What every page can narrow its numbers to. `since`/`until` are a half-open range [since, until)."""
+
+    flow: str | None = None
+    phone_number_id: str | None = None
+    language: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+
+# --------------------------------------------------------------------------------------- helpers
+def _frame(db: Database, stmt: Query) -> pd.DataFrame:
+    with db.engine.connect() as conn:
+        result = conn.execute(stmt)
+        return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+
+
+def _epoch(db: Database, column: Expr) -> ColumnElement[float]:
+    """Seconds since 1970 as a float, in SQL."""
+    if db.is_postgres:
+        return func.extract("epoch", column).cast(Float)
+    # Whole seconds plus milliseconds (julianday() would lose tens of microseconds to float rounding).
+    whole = cast(func.strftime(literal_column("'%s'"), column), Float)
+    fraction = cast(func.strftime(literal_column("'%f'"), column), Float) - cast(
+        func.strftime(literal_column("'%S'"), column), Float
+    )
+    return whole + fraction
+
+
+def _seconds_between(db: Database, later: Expr, earlier: Expr) -> ColumnElement[float]:
+    return _epoch(db, later) - _epoch(db, earlier)
+
+
+def _bucket(db: Database, column: Expr, unit: str) -> ColumnElement[Any]:
+    """Start of the UTC hour/day containing `column` (a naive timestamp or text; `_to_utc` reads both)."""
+    pattern = {"hour": "%Y-%m-%d %H:00:00", "day": "%Y-%m-%d 00:00:00"}[unit]
+    # Literals, not bind parameters: GROUP BY must repeat the very same expression as the SELECT list.
+    if db.is_postgres:
+        return func.date_trunc(literal_column(f"'{unit}'"), func.timezone(literal_column("'UTC'"), column))
+    return func.strftime(literal_column(f"'{pattern}'"), column)
+
+
+def _to_utc(series: pd.Series) -> pd.Series:
+    return pd.to_datetime(series, utc=True)
+
+
+def _quantile_name(q: float) -> str:
+    return f"p{round(q * 100)}"
+
+
+def _quantiles(
+    db: Database, stmt: Query, groups: Sequence[str], value: str, qs: Sequence[float] = QUANTILES
+) -> pd.DataFrame:
+    """count + percentiles of `value` per group of a statement's rows (linear interpolation on both backends)."""
+    names = [_quantile_name(q) for q in qs]
+    if db.is_postgres:
+        sub = stmt.subquery()
+        keys = [sub.c[g] for g in groups]
+        aggregates = [
+            func.percentile_cont(q).within_group(sub.c[value]).label(n) for q, n in zip(qs, names, strict=True)
+        ]
+        frame = _frame(db, select(*keys, func.count().label("n"), *aggregates).group_by(*keys))
+        for n in names:
+            frame[n] = frame[n].astype(float)
+        return frame
+    rows = _frame(db, stmt)
+    if rows.empty:
+        return pd.DataFrame(columns=[*groups, "n", *names])
+    rows[value] = rows[value].astype(float)
+    if not groups:
+        values = rows[value]
+        quantiles = {n: float(values.quantile(q)) for q, n in zip(qs, names, strict=True)}
+        return pd.DataFrame([{"n": len(values), **quantiles}])
+    grouped = rows.groupby(list(groups), sort=False)[value]
+    frame = grouped.size().rename("n").to_frame()
+    for q, n in zip(qs, names, strict=True):
+        frame[n] = grouped.quantile(q)
+    return frame.reset_index()
+
+
+def _transition_filters(filters: Filters, *, dates: bool = True) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = []
+    if filters.flow:
+        clauses.append(Transition.flow == filters.flow)
+    if filters.phone_number_id:
+        clauses.append(Transition.phone_number_id == filters.phone_number_id)
+    if filters.language:
+        clauses.append(Transition.language == filters.language)
+    if dates and filters.since:
+        clauses.append(Transition.at >= filters.since)
+    if dates and filters.until:
+        clauses.append(Transition.at < filters.until)
+    return clauses
+
+
+def _session_filters(filters: Filters) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = []
+    if filters.flow:
+        clauses.append(ChatSession.flow == filters.flow)
+    if filters.phone_number_id:
+        clauses.append(ChatSession.phone_number_id == filters.phone_number_id)
+    if filters.language:
+        clauses.append(ChatSession.language == filters.language)
+    return clauses
+
+
+def funnel_path(flow: Flow) -> list[str]:
+    """The flow's main path: from `start`, follow each step's `next` until a terminal step (or a loop)."""
+    path: list[str] = []
+    step_id: str | None = flow.start
+    while step_id is not None and step_id not in path:
+        path.append(step_id)
+        step = flow.step(step_id)
+        step_id = None if step.terminal else step.next
+    return path
+
+
+# -------------------------------------------------------------------------------------- overview
+def has_traffic(db: Database) -> bool:
+    """False on an empty database: pages then explain how to make demo traffic instead of drawing nothing."""
+    with db.engine.connect() as conn:
+        return conn.scalar(select(Transition.id).limit(1)) is not None
+
+
+def filter_options(db: Database) -> pd.DataFrame:
+    """Distinct (flow, phone_number_id, language) combinations of sessions, for filter drop-downs."""
+    stmt = (
+        select(ChatSession.flow, ChatSession.phone_number_id, ChatSession.language)
+        .where(ChatSession.status != "new")
+        .group_by(ChatSession.flow, ChatSession.phone_number_id, ChatSession.language)
+        .order_by(ChatSession.flow, ChatSession.phone_number_id, ChatSession.language)
+    )
+    return _frame(db, stmt)
+
+
+def session_counts(db: Database, filters: Filters = Filters()) -> pd.DataFrame:
+    """One row: active, completed, archived, total sessions and the completion rate (%).
+
+    Completed counts sessions that finished their flow, also when they were archived afterwards.
+    """
+    finished = or_(
+        ChatSession.status == "completed",
+        and_(ChatSession.status == "archived", ChatSession.archived_from == "completed"),
+    )
+    stmt = select(
+        func.count().label("total"),
+        func.sum(case((ChatSession.status == "active", 1), else_=0)).label("active"),
+        func.sum(case((ChatSession.status == "completed", 1), else_=0)).label("completed"),
+        func.sum(case((ChatSession.status == "archived", 1), else_=0)).label("archived"),
+        func.sum(case((finished, 1), else_=0)).label("finished"),
+    ).where(ChatSession.status != "new", *_session_filters(filters))
+    frame = _frame(db, stmt).fillna(0).astype(int)
+    total = frame.loc[0, "total"]
+    frame["completion_rate"] = round(100.0 * frame.loc[0, "finished"] / total, 1) if total else 0.0
+    return frame
+
+
+def sessions_over_time(db: Database, filters: Filters = Filters(), unit: str = "day") -> pd.DataFrame:
+    """New sessions (first transition) and completions per UTC day/hour: columns bucket, new_sessions, completions."""
+    started = (
+        select(_bucket(db, Transition.at, unit).label("bucket"), func.count().label("n"))
+        .where(Transition.outcome == "started", *_transition_filters(filters))
+        .group_by(_bucket(db, Transition.at, unit))
+    )
+    completed = (
+        select(_bucket(db, Transition.at, unit).label("bucket"), func.count().label("n"))
+        .where(Transition.outcome == "completed", *_transition_filters(filters))
+        .group_by(_bucket(db, Transition.at, unit))
+    )
+    new = _frame(db, started).rename(columns={"n": "new_sessions"})
+    done = _frame(db, completed).rename(columns={"n": "completions"})
+    if new.empty and done.empty:
+        return pd.DataFrame(columns=["bucket", "new_sessions", "completions"])
+    for part in (new, done):
+        part["bucket"] = _to_utc(part["bucket"]) if not part.empty else pd.Series(dtype="datetime64[ns, UTC]")
+    frame = new.merge(done, on="bucket", how="outer").fillna(0).sort_values("bucket").reset_index(drop=True)
+    frame[["new_sessions", "completions"]] = frame[["new_sessions", "completions"]].astype(int)
+    return frame
+
+
+def messages_per_hour(db: Database, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
+    """Inbound messages per UTC hour of their WhatsApp timestamp: columns hour, messages."""
+    bucket = InboundEvent.timestamp - InboundEvent.timestamp % 3600
+    stmt = select(bucket.label("hour"), func.count().label("messages")).group_by(bucket).order_by(bucket)
+    if since:
+        stmt = stmt.where(InboundEvent.timestamp >= int(since.timestamp()))
+    if until:
+        stmt = stmt.where(InboundEvent.timestamp < int(until.timestamp()))
+    frame = _frame(db, stmt)
+    frame["hour"] = pd.to_datetime(frame["hour"].astype("int64"), unit="s", utc=True)
+    frame["messages"] = frame["messages"].astype(int)
+    return frame
+
+
+# ---------------------------------------------------------------------------------------- states
+def state_distribution(db: Database, now: datetime, filters: Filters = Filters()) -> pd.DataFrame:
+    """Where active users are: flow, step, users and how long they have been in that step (hours, p50/p90).
+
+    The date range selects users by their last message (`last_inbound_at`).
+    """
+    clauses = [ChatSession.status == "active", *_session_filters(filters)]
+    if filters.since:
+        clauses.append(ChatSession.last_inbound_at >= filters.since)
+    if filters.until:
+        clauses.append(ChatSession.last_inbound_at < filters.until)
+    entered = func.coalesce(ChatSession.step_entered_at, ChatSession.last_inbound_at, ChatSession.created_at)
+    stmt = select(
+        ChatSession.flow,
+        ChatSession.current_step.label("step"),
+        (now.timestamp() - _epoch(db, entered)).label("seconds"),
+    ).where(*clauses)
+    frame = _quantiles(db, stmt, ["flow", "step"], "seconds", (0.5, 0.9))
+    frame = frame.rename(columns={"n": "users"})
+    frame["users"] = frame["users"].astype(int)
+    frame["p50_hours_in_step"] = (frame.pop("p50").astype(float) / 3600).round(2)
+    frame["p90_hours_in_step"] = (frame.pop("p90").astype(float) / 3600).round(2)
+    return frame.sort_values(["flow", "users"], ascending=[True, False]).reset_index(drop=True)
+
+
+# ---------------------------------------------------------------------------------------- funnel
+@dataclass(frozen=True)
+class _FunnelQuery:
+    """The per-user reach rows of one flow: who entered (cohort) and when each path step was first reached."""
+
+    db: Database
+    flow: Flow
+    filters: Filters
+    window_seconds: float | None
+    by: str | None = None
+
+    @property
+    def path(self) -> list[str]:
+        return funnel_path(self.flow)
+
+    def entry(self) -> Any:
+        """Cohort: users whose first arrival at the start step lies in the date range; `segment` for breakdowns."""
+        t, f = Transition, self.filters
+        segment: Expr
+        if self.by == "language":
+            segment = ChatSession.language
+        elif self.by == "phone_number_id":
+            segment = t.phone_number_id
+        else:
+            segment = literal("all")
+        clauses = [t.flow == self.flow.name, t.to_step == self.flow.start, t.outcome.not_in(NOT_PROGRESS)]
+        if f.phone_number_id:
+            clauses.append(t.phone_number_id == f.phone_number_id)
+        if f.since:
+            clauses.append(t.at >= f.since)
+        if f.until:
+            clauses.append(t.at < f.until)
+        stmt = select(t.phone_number_id, t.user_id, segment.label("segment"), func.min(t.at).label("entered_at"))
+        if f.language or self.by == "language":
+            stmt = stmt.join(
+                ChatSession, and_(ChatSession.phone_number_id == t.phone_number_id, ChatSession.user_id == t.user_id)
+            )
+            if f.language:
+                clauses.append(ChatSession.language == f.language)
+        return stmt.where(*clauses).group_by(t.phone_number_id, t.user_id, segment).cte("entry")
+
+    def reach(self) -> Any:
+        e, t = self.entry(), Transition
+        clauses = [
+            t.flow == self.flow.name, t.to_step.in_(self.path), t.outcome.not_in(NOT_PROGRESS), t.at >= e.c.entered_at
+        ]
+        if self.window_seconds is not None:
+            clauses.append(_seconds_between(self.db, t.at, e.c.entered_at) <= self.window_seconds)
+        return (
+            select(
+                e.c.phone_number_id,
+                e.c.user_id,
+                e.c.segment,
+                e.c.entered_at,
+                t.to_step.label("step"),
+                func.min(t.at).label("first_at"),
+            )
+            .join(t, and_(t.phone_number_id == e.c.phone_number_id, t.user_id == e.c.user_id))
+            .where(*clauses)
+            .group_by(e.c.phone_number_id, e.c.user_id, e.c.segment, e.c.entered_at, t.to_step)
+            .cte("reach")
+        )
+
+    def next_of(self, step: ColumnElement[Any]) -> ColumnElement[Any]:
+        path = self.path
+        return case({a: b for a, b in zip(path, path[1:], strict=False)}, value=step, else_=None)
+
+
+def funnel(
+    db: Database, flow: Flow, filters: Filters = Filters(), window_seconds: float | None = None, by: str | None = None
+) -> pd.DataFrame:
+    """Step-by-step funnel along the flow's main path.
+
+    Cohort: users whose first arrival at the start step is in [since, until). A step counts as reached when
+    the user first got there within `window_seconds` of entering (no limit when None). Per step: reached,
+    went_on (also reached the next step, after this one), conversion_pct (reached / cohort), drop_off_pct
+    (reached but not the next step, % of reached) and median_seconds_to_next (first arrival here → first
+    arrival at the next step). With `by` ("language" | "phone_number_id") the same per segment.
+    """
+    q = _FunnelQuery(db, flow, filters, window_seconds, by)
+    reach = q.reach()
+    reached = _frame(
+        db, select(reach.c.segment, reach.c.step, func.count().label("reached")).group_by(reach.c.segment, reach.c.step)
+    )
+    a, b = reach.alias("a"), reach.alias("b")
+    pairs = select(
+        a.c.segment, a.c.step, _seconds_between(db, b.c.first_at, a.c.first_at).label("seconds")
+    ).join(
+        b,
+        and_(
+            b.c.phone_number_id == a.c.phone_number_id,
+            b.c.user_id == a.c.user_id,
+            b.c.step == q.next_of(a.c.step),
+            b.c.first_at >= a.c.first_at,
+        ),
+    )
+    onward = _quantiles(db, pairs, ["segment", "step"], "seconds", (0.5,)).rename(
+        columns={"n": "went_on", "p50": "median_seconds_to_next"}
+    )
+    return _funnel_table(q.path, reached, onward)
+
+
+def _funnel_table(path: list[str], reached: pd.DataFrame, onward: pd.DataFrame) -> pd.DataFrame:
+    columns = ["segment", "position", "step", "reached", "went_on", "conversion_pct", "drop_off_pct",
+               "median_seconds_to_next"]
+    segments = sorted(reached["segment"].unique().tolist()) if not reached.empty else []
+    rows: list[dict[str, Any]] = []
+    for segment in segments:
+        counts = reached[reached["segment"] == segment].set_index("step")["reached"]
+        nexts = onward[onward["segment"] == segment].set_index("step")
+        cohort = int(counts.get(path[0], 0))
+        for position, step in enumerate(path, start=1):
+            n = int(counts.get(step, 0))
+            last = position == len(path)
+            went_on = None if last else int(nexts["went_on"].get(step, 0))
+            median = None if last or step not in nexts.index else float(nexts.loc[step, "median_seconds_to_next"])
+            rows.append({
+                "segment": segment,
+                "position": position,
+                "step": step,
+                "reached": n,
+                "went_on": went_on,
+                "conversion_pct": round(100.0 * n / cohort, 1) if cohort else 0.0,
+                "drop_off_pct": None if last or not n else round(100.0 * (n - (went_on or 0)) / n, 1),
+                "median_seconds_to_next": None if median is None else round(median, 3),
+            })
+    frame = pd.DataFrame(rows, columns=columns)
+    for column in ("went_on", "drop_off_pct", "median_seconds_to_next"):
+        frame[column] = frame[column].astype("Float64") if column != "went_on" else frame[column].astype("Int64")
+    return frame
+
+
+def time_to_complete(
+    db: Database, flow: Flow, filters: Filters = Filters(), window_seconds: float | None = None
+) -> pd.DataFrame:
+    """Per cohort user who reached the flow's last path step: seconds from entering to getting there."""
+    q = _FunnelQuery(db, flow, filters, window_seconds)
+    reach = q.reach()
+    stmt = select(
+        reach.c.phone_number_id,
+        reach.c.user_id,
+        _seconds_between(db, reach.c.first_at, reach.c.entered_at).label("seconds"),
+    ).where(reach.c.step == q.path[-1])
+    frame = _frame(db, stmt)
+    frame["seconds"] = frame["seconds"].astype(float).round(3)
+    return frame
+
+
+def dropped_users(
+    db: Database, flow: Flow, step: str, filters: Filters = Filters(), window_seconds: float | None = None,
+    limit: int = 5000,
+) -> pd.DataFrame:
+    """Cohort users who reached `step` but not the next path step: who dropped there, and where they are now."""
+    q = _FunnelQuery(db, flow, filters, window_seconds)
+    path = q.path
+    if step not in path[:-1]:
+        raise ValueError(f"{step!r} is not a non-final step of {flow.name}'s funnel {path}")
+    reach = q.reach()
+    a, b = reach.alias("a"), reach.alias("b")
+    went_on = (
+        select(b.c.step)
+        .where(
+            b.c.phone_number_id == a.c.phone_number_id,
+            b.c.user_id == a.c.user_id,
+            b.c.step == path[path.index(step) + 1],
+            b.c.first_at >= a.c.first_at,
+        )
+        .exists()
+    )
+    stmt = (
+        select(
+            a.c.phone_number_id,
+            a.c.user_id,
+            a.c.entered_at,
+            a.c.first_at.label("reached_at"),
+            ChatSession.current_step,
+            ChatSession.status,
+            ChatSession.language,
+            ChatSession.last_inbound_at,
+        )
+        .join(ChatSession, and_(ChatSession.phone_number_id == a.c.phone_number_id,
+                                ChatSession.user_id == a.c.user_id))
+        .where(a.c.step == step, ~went_on)
+        .order_by(a.c.first_at.desc(), a.c.phone_number_id, a.c.user_id)
+        .limit(limit)
+    )
+    frame = _frame(db, stmt)
+    for column in ("entered_at", "reached_at", "last_inbound_at"):
+        frame[column] = _to_utc(frame[column])
+    return frame
+
+
+# --------------------------------------------------------------------------------------- latency
+def _moves(db: Database, filters: Filters) -> list[ColumnElement[bool]]:
+    return [
+        Transition.outcome.in_(MOVING_OUTCOMES),
+        Transition.elapsed_seconds.is_not(None),
+        *_transition_filters(filters),
+    ]
+
+
+def transition_latency(db: Database, filters: Filters = Filters(), friction_top: int = 3) -> pd.DataFrame:
+    """Per step change (flow, from_step → to_step): count and p50/p90/p99 of the time since the user's previous
+    message. The `friction_top` transitions with the highest p50 are flagged `friction`."""
+    stmt = select(
+        Transition.flow, Transition.from_step, Transition.to_step, Transition.elapsed_seconds.label("seconds")
+    ).where(*_moves(db, filters))
+    frame = _quantiles(db, stmt, ["flow", "from_step", "to_step"], "seconds")
+    if frame.empty:
+        return pd.DataFrame(columns=["flow", "from_step", "to_step", "n", "p50", "p90", "p99", "friction"])
+    frame["n"] = frame["n"].astype(int)
+    frame = frame.sort_values(["p50", "n"], ascending=[False, False]).reset_index(drop=True)
+    frame[["p50", "p90", "p99"]] = frame[["p50", "p90", "p99"]].round(3)
+    frame["friction"] = frame.index < friction_top
+    return frame
+
+
+def latency_samples(
+    db: Database, filters: Filters = Filters(), from_step: str | None = None, to_step: str | None = None,
+    limit: int = 20000,
+) -> pd.DataFrame:
+    """The most recent `limit` step changes' seconds, for the histogram: columns from_step, to_step, seconds."""
+    clauses = _moves(db, filters)
+    if from_step:
+        clauses.append(Transition.from_step == from_step)
+    if to_step:
+        clauses.append(Transition.to_step == to_step)
+    stmt = (
+        select(Transition.from_step, Transition.to_step, Transition.elapsed_seconds.label("seconds"))
+        .where(*clauses)
+        .order_by(Transition.at.desc())
+        .limit(limit)
+    )
+    frame = _frame(db, stmt)
+    frame["seconds"] = frame["seconds"].astype(float)
+    return frame
+
+
+def latency_trend(db: Database, filters: Filters = Filters(), unit: str = "day") -> pd.DataFrame:
+    """p50/p90 of step-change latency per UTC day (or hour): columns bucket, n, p50, p90."""
+    bucket = _bucket(db, Transition.at, unit)
+    stmt = select(bucket.label("bucket"), Transition.elapsed_seconds.label("seconds")).where(*_moves(db, filters))
+    frame = _quantiles(db, stmt, ["bucket"], "seconds", (0.5, 0.9))
+    if frame.empty:
+        return frame
+    frame["bucket"] = _to_utc(frame["bucket"])
+    return frame.sort_values("bucket").reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------- stalled
+@dataclass(frozen=True)
+class StalledQuery:
+    """Users idle in a step: active sessions whose last message is at least `idle_seconds` before `now`."""
+
+    now: datetime
+    idle_seconds: float
+    flow: str | None = None
+    step: str | None = None
+    phone_number_id: str | None = None
+    language: str | None = None
+    window: str = "any"  # any | inside | outside (the 24 h customer-service window)
+    opted_out: str = "any"  # any | yes | no
+    limit: int = 10000
+
+
+def _window_open(now: datetime) -> ColumnElement[bool]:
+    """SQL twin of core.views.window_expires_at: open if the last message is < 24 h old and not closed since."""
+    return and_(
+        ChatSession.last_inbound_at > now - SERVICE_WINDOW,
+        or_(ChatSession.window_closed_at.is_(None), ChatSession.window_closed_at < ChatSession.last_inbound_at),
+    )
+
+
+def _stalled_clauses(q: StalledQuery) -> list[ColumnElement[bool]]:
+    clauses: list[ColumnElement[bool]] = [
+        ChatSession.status == "active",
+        ChatSession.last_inbound_at <= q.now - timedelta(seconds=q.idle_seconds),
+        *_session_filters(Filters(q.flow, q.phone_number_id, q.language)),
+    ]
+    if q.step:
+        clauses.append(ChatSession.current_step == q.step)
+    if q.window != "any":
+        clauses.append(_window_open(q.now) if q.window == "inside" else ~_window_open(q.now))
+    if q.opted_out != "any":
+        clauses.append(ChatSession.opted_out.is_(true() if q.opted_out == "yes" else false()))
+    return clauses
+
+
+def stalled_users(db: Database, q: StalledQuery) -> pd.DataFrame:
+    """The stalled users matching `q`, longest idle first (at most `q.limit` rows)."""
+    sent = (
+        select(FollowUp.phone_number_id, FollowUp.user_id, func.count().label("followups_sent"))
+        .where(FollowUp.status == "queued")
+        .group_by(FollowUp.phone_number_id, FollowUp.user_id)
+        .subquery()
+    )
+    stmt = (
+        select(
+            ChatSession.phone_number_id,
+            ChatSession.user_id,
+            ChatSession.flow,
+            ChatSession.current_step.label("step"),
+            ChatSession.language,
+            ChatSession.last_inbound_at,
+            (q.now.timestamp() - _epoch(db, ChatSession.last_inbound_at)).label("idle_seconds"),
+            case((_window_open(q.now), True), else_=False).label("inside_window"),
+            ChatSession.opted_out,
+            func.coalesce(sent.c.followups_sent, 0).label("followups_sent"),
+        )
+        .outerjoin(sent, and_(sent.c.phone_number_id == ChatSession.phone_number_id,
+                              sent.c.user_id == ChatSession.user_id))
+        .where(*_stalled_clauses(q))
+        .order_by(ChatSession.last_inbound_at, ChatSession.phone_number_id, ChatSession.user_id)
+        .limit(q.limit)
+    )
+    frame = _frame(db, stmt)
+    frame["last_inbound_at"] = _to_utc(frame["last_inbound_at"])
+    frame["idle_hours"] = (frame.pop("idle_seconds").astype(float) / 3600).round(2)
+    frame["inside_window"] = frame["inside_window"].astype(bool)
+    frame["opted_out"] = frame["opted_out"].astype(bool)
+    frame["followups_sent"] = frame["followups_sent"].astype(int)
+    expires = frame["last_inbound_at"] + SERVICE_WINDOW
+    frame.insert(frame.columns.get_loc("inside_window") + 1, "window_expires_at", expires.where(frame["inside_window"]))
+    return frame
+
+
+def stalled_count(db: Database, q: StalledQuery) -> int:
+    """How many users match `q` without the row limit."""
+    with db.engine.connect() as conn:
+        return int(conn.scalar(select(func.count()).select_from(ChatSession).where(*_stalled_clauses(q))) or 0)
+
+
+# ---------------------------------------------------------------------------------------- health
+def webhook_results(
+    db: Database, since: datetime | None = None, until: datetime | None = None, unit: str = "hour"
+) -> pd.DataFrame:
+    """Webhook requests per UTC hour/day and result (accepted, duplicate, rejected_...): bucket, result, count."""
+    bucket = _bucket(db, WebhookStat.bucket, unit)
+    stmt = select(bucket.label("bucket"), WebhookStat.result, func.sum(WebhookStat.count).label("count"))
+    if since:
+        stmt = stmt.where(WebhookStat.bucket >= since)
+    if until:
+        stmt = stmt.where(WebhookStat.bucket < until)
+    frame = _frame(db, stmt.group_by(bucket, WebhookStat.result).order_by(bucket))
+    frame["bucket"] = _to_utc(frame["bucket"])
+    frame["count"] = frame["count"].astype(int)
+    return frame
+
+
+def webhook_totals(db: Database, since: datetime | None = None, until: datetime | None = None) -> pd.DataFrame:
+    """Webhook requests per result over the range: result, count."""
+    stmt = select(WebhookStat.result, func.sum(WebhookStat.count).label("count"))
+    if since:
+        stmt = stmt.where(WebhookStat.bucket >= since)
+    if until:
+        stmt = stmt.where(WebhookStat.bucket < until)
+    frame = _frame(db, stmt.group_by(WebhookStat.result).order_by(WebhookStat.result))
+    frame["count"] = frame["count"].astype(int)
+    return frame
+
+
+def pending_queue(db: Database, now: datetime) -> pd.DataFrame:
+    """One row: inbound messages stored but not applied yet, and the age (s) of the oldest one."""
+    stmt = select(func.count().label("pending"), func.min(InboundEvent.received_at).label("oldest")).where(
+        InboundEvent.processed_at.is_(None)
+    )
+    frame = _frame(db, stmt)
+    oldest = frame.loc[0, "oldest"]
+    frame["pending"] = frame["pending"].astype(int)
+    frame["oldest_age_seconds"] = (now - oldest).total_seconds() if oldest is not None else 0.0
+    return frame.drop(columns=["oldest"])
+
+
+def apply_latency(db: Database, since: datetime | None = None, until: datetime | None = None,
+                  unit: str | None = None) -> pd.DataFrame:
+    """Seconds from storing an inbound message to applying it (transitions.applied_at - received_at).
+
+    Overall (one row) or per UTC hour/day `bucket` of applied_at: n, p50, p90, p99.
+    """
+    seconds = _seconds_between(db, Transition.applied_at, InboundEvent.received_at).label("seconds")
+    columns: list[Any] = [seconds]
+    groups: list[str] = []
+    if unit:
+        columns.insert(0, _bucket(db, Transition.applied_at, unit).label("bucket"))
+        groups = ["bucket"]
+    stmt = select(*columns).join(
+        InboundEvent,
+        and_(InboundEvent.phone_number_id == Transition.phone_number_id, InboundEvent.wamid == Transition.wamid),
+    )
+    if since:
+        stmt = stmt.where(Transition.applied_at >= since)
+    if until:
+        stmt = stmt.where(Transition.applied_at < until)
+    frame = _quantiles(db, stmt, groups, "seconds")
+    if unit and not frame.empty:
+        frame["bucket"] = _to_utc(frame["bucket"])
+        frame = frame.sort_values("bucket").reset_index(drop=True)
+    if not unit and (frame.empty or int(frame.loc[0, "n"]) == 0):
+        return pd.DataFrame([{"n": 0, "p50": None, "p90": None, "p99": None}])
+    return frame
+
+
+def outbox_backlog(db: Database, now: datetime) -> pd.DataFrame:
+    """Outbox rows per status with the age (s) of the oldest: status, messages, oldest_age_seconds."""
+    stmt = (
+        select(Outbox.status, func.count().label("messages"), func.min(Outbox.created_at).label("oldest"))
+        .group_by(Outbox.status)
+        .order_by(Outbox.status)
+    )
+    frame = _frame(db, stmt)
+    frame["messages"] = frame["messages"].astype(int)
+    frame["oldest_age_seconds"] = [(now - o).total_seconds() if o is not None else None for o in frame.pop("oldest")]
+    return frame
+
+
+def send_failures(db: Database, since: datetime | None = None) -> pd.DataFrame:
+    """Failures by Meta error code: source (send = our API call, delivery = a failed status), error_code, count."""
+    sends = select(
+        literal("send").label("source"), Outbox.error_code, func.count().label("count")
+    ).where(Outbox.status == "failed", Outbox.error_code.is_not(None))
+    deliveries = select(
+        literal("delivery").label("source"), MessageStatus.error_code, func.count().label("count")
+    ).where(MessageStatus.status == "failed")
+    if since:
+        sends = sends.where(Outbox.created_at >= since)
+        deliveries = deliveries.where(MessageStatus.status_at >= since)
+    frame = pd.concat(
+        [_frame(db, sends.group_by(Outbox.error_code)), _frame(db, deliveries.group_by(MessageStatus.error_code))],
+        ignore_index=True,
+    )
+    frame = frame[frame["count"].astype(int) > 0].copy()
+    frame["error_code"] = frame["error_code"].astype("Int64").astype(str).replace("<NA>", "unknown")
+    frame["count"] = frame["count"].astype(int)
+    return frame.sort_values(["count", "error_code"], ascending=[False, True]).reset_index(drop=True)
+
+
+def job_runs(db: Database) -> pd.DataFrame:
+    """The latest run of each job: job, started_at, finished_at, ok."""
+    latest = select(JobRun.job, func.max(JobRun.started_at).label("started_at")).group_by(JobRun.job).subquery()
+    stmt = (
+        select(JobRun.job, JobRun.started_at, JobRun.finished_at, JobRun.ok)
+        .join(latest, and_(latest.c.job == JobRun.job, latest.c.started_at == JobRun.started_at))
+        .order_by(JobRun.job)
+    )
+    return _frame(db, stmt)
+
+
+def sender_pauses(db: Database) -> pd.DataFrame:
+    """Business numbers whose sending is paused, and why."""
+    stmt = select(SenderPause.phone_number_id, SenderPause.error_code, SenderPause.reason, SenderPause.paused_at)
+    return _frame(db, stmt.order_by(SenderPause.paused_at))
