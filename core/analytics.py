@@ -543,7 +543,7 @@ class StalledQuery:
     language: str | None = None
     window: str = "any"  # any | inside | outside (the 24 h customer-service window)
     opted_out: str = "any"  # any | yes | no
-    limit: int = 10000
+    limit: int | None = 10000
 
 
 def _window_open(now: datetime) -> ColumnElement[bool]:

@@ -14,6 +14,7 @@ from core.errors import WaflowError
 COMMAND_MODULES = (
     "core.commands.engine",
     "core.commands.serve",
+    "core.commands.analytics",
 )
 
 
