@@ -1,0 +1,58 @@
+"""`python -m jobs`: run the scheduler; `python -m jobs --once JOB` runs one job now and exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from types import FrameType
+
+from core.commands.common import open_database
+from core.errors import WaflowError
+from jobs.scheduler import JOBS, JobContext, run_once, serve
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m jobs", description="waflow jobs: archive, follow-ups, outbox sender, sweeper")
+    parser.add_argument("--once", choices=sorted(JOBS), help="run one job now and exit")
+    parser.add_argument("--log-level", default="INFO")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings, db = open_database()
+        context = JobContext(settings, db)
+        if args.once:
+            outcome = run_once(context, args.once)
+            print(json.dumps({"job": args.once, "status": outcome.status, "result": outcome.result,
+                              "reason": outcome.reason}, default=str))
+            return 1 if outcome.status == "error" else 0
+        stop = threading.Event()
+
+        def _stop(signum: int, _frame: FrameType | None) -> None:
+            logging.getLogger("jobs").info("signal %s: stopping", signal.Signals(signum).name)
+            stop.set()
+
+        signal.signal(signal.SIGINT, _stop)
+        signal.signal(signal.SIGTERM, _stop)
+        serve(context, stop)
+        return 0
+    except WaflowError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Archive idle sessions in short, bounded batches, without ever waiting on a session being applied.
+
+A session is idle when its user's last message (`last_inbound_at`) is older than `archive_after_hours`;
+completed sessions are archived too. Archiving only flips `status` to "archived" and remembers the previous
+status in `archived_from`: step, data and history stay, and the engine restores the session (resume or
+restart, per flow) when the user writes again.
+
+Each batch is one UPDATE over at most `archive_batch_size` sessions, taken oldest first per status:
+PostgreSQL picks them with `FOR UPDATE SKIP LOCKED`, so a session whose messages are being applied right now
+is skipped (the next run gets it if it is still idle) and the webhook never waits on the archiver.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import select, tuple_, update
+
+from core.config import Settings
+from core.db import Database
+from core.models import ChatSession
+
+ARCHIVABLE = ("active", "completed")
+
+
+def run_archive(
+    db: Database, settings: Settings, now: datetime, *, batch_size: int | None = None, max_batches: int | None = None
+) -> dict[str, Any]:
+    cutoff = now - timedelta(hours=settings.archive_after_hours)
+    size = batch_size or settings.archive_batch_size
+    archived = {status: 0 for status in ARCHIVABLE}
+    batches = 0
+    for status in ARCHIVABLE:
+        cursor: datetime | None = None
+        while max_batches is None or batches < max_batches:
+            count, cursor = archive_batch(db, status, cutoff, now, size, after=cursor)
+            batches += 1
+            archived[status] += count
+            if count < size:
+                break
+    never_messaged = archive_without_inbound(db, cutoff, now, size)
+    return {
+        "archived": sum(archived.values()) + never_messaged,
+        "from_active": archived["active"],
+        "from_completed": archived["completed"],
+        "without_inbound": never_messaged,
+        "batches": batches,
+        "cutoff": cutoff.isoformat(),
+    }
+
+
+def archive_batch(
+    db: Database, status: str, cutoff: datetime, now: datetime, size: int, *, after: datetime | None = None
+) -> tuple[int, datetime | None]:
+    """Archive up to `size` sessions of one status idle since before `cutoff`, oldest first.
+
+    `after` continues from the previous batch: the (status, last_inbound_at) index is walked forward instead
+    of re-reading, batch after batch, the entries of sessions already archived.
+    """
+    s = ChatSession
+    conditions = [s.status == status, s.last_inbound_at < cutoff]
+    if after is not None:
+        conditions.append(s.last_inbound_at >= after)
+    idle = (
+        select(s.phone_number_id, s.user_id)
+        .where(*conditions)
+        .order_by(s.last_inbound_at)
+        .limit(size)
+        .with_for_update(skip_locked=True)
+    )
+    stmt = (
+        update(s)
+        .where(tuple_(s.phone_number_id, s.user_id).in_(idle))
+        .values(status="archived", archived_from=s.status, archived_at=now)
+        .returning(s.last_inbound_at)
+    )
+    with db.begin() as conn:
+        stamps = [row[0] for row in conn.execute(stmt) if row[0] is not None]
+    return len(stamps), (max(stamps) if stamps else after)
+
+
+def archive_without_inbound(db: Database, cutoff: datetime, now: datetime, size: int) -> int:
+    """Sessions that never recorded a user message (imported or legacy rows) go by `updated_at`."""
+    s = ChatSession
+    total = 0
+    while True:
+        idle = (
+            select(s.phone_number_id, s.user_id)
+            .where(s.status.in_(ARCHIVABLE), s.last_inbound_at.is_(None), s.updated_at < cutoff)
+            .limit(size)
+            .with_for_update(skip_locked=True)
+        )
+        with db.begin() as conn:
+            count = conn.execute(
+                update(s)
+                .where(tuple_(s.phone_number_id, s.user_id).in_(idle))
+                .values(status="archived", archived_from=s.status, archived_at=now)
+            ).rowcount
+        total += count
+        if count < size:
+            return total
