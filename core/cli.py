@@ -15,6 +15,7 @@ COMMAND_MODULES = (
     "core.commands.engine",
     "core.commands.serve",
     "core.commands.analytics",
+    "core.commands.campaigns",
 )
 
 
