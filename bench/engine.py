@@ -40,8 +40,8 @@ FLOWS_DIR = ROOT / "tests" / "data" / "flows"
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
 
 
-def _message(user: str, i: int, run: str) -> dict[str, object]:
-    wamid = f"wamid.{run}.{user}.{i}"
+def _message(user: str, i: int, run: str, worker: int) -> dict[str, object]:
+    wamid = f"wamid.{run}.{user}.{i}.{worker}"
     raw = {"from": user, "id": wamid, "timestamp": str(BASE_TS + i), "type": "text", "text": {"body": f"m{i}"}}
     return InboundMessage(
         phone_number_id="100000000000111", user_id=user, wamid=wamid, timestamp=BASE_TS + i, kind="text",
@@ -60,7 +60,7 @@ def _plans(scenario: str, workers: int, messages: int, run: str) -> list[list[di
                 user = "14150000000" if i % 4 == 0 else f"1416{w:03d}{i:05d}"
             else:
                 user = f"1416{w:03d}{i:05d}"
-            plan.append(_message(user, i, run))
+            plan.append(_message(user, i, run, w))
         plans.append(plan)
     return plans
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from alembic import command
@@ -23,6 +24,16 @@ def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     return config
+
+
+def offline_sql(url: str = "postgresql+psycopg://") -> str:
+    """The full migration DDL for a dialect, as reviewed in sql/schema.postgresql.sql."""
+    buffer = io.StringIO()
+    config = alembic_config()
+    config.set_main_option("sqlalchemy.url", url)
+    config.attributes["output_buffer"] = buffer
+    command.upgrade(config, "heads", sql=True)
+    return buffer.getvalue()
 
 
 def head_revisions() -> set[str]:

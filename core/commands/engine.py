@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from sqlalchemy import select
@@ -13,13 +14,14 @@ from core.db import Database
 from core.engine import Engine
 from core.errors import WaflowError
 from core.messages import InboundMessage
-from core.migrate import ensure_schema
+from core.migrate import ensure_schema, offline_sql
 from core.models import InboundEvent
 from core.views import session_view
 
 
 def register(sub: Any) -> None:
     migrate = sub.add_parser("migrate", help="create or upgrade the schema")
+    migrate.add_argument("--sql", action="store_true", help="print the PostgreSQL DDL instead of migrating")
     migrate.set_defaults(handler=cmd_migrate)
 
     pending = sub.add_parser("process-pending", help="apply every inbound message left pending")
@@ -38,7 +40,10 @@ def register(sub: Any) -> None:
     show.set_defaults(handler=cmd_sessions_show)
 
 
-def cmd_migrate(_args: argparse.Namespace) -> int:
+def cmd_migrate(args: argparse.Namespace) -> int:
+    if args.sql:
+        sys.stdout.write(offline_sql())
+        return 0
     _settings, db = open_database()
     print(f"schema at {', '.join(sorted(ensure_schema(db)))} on {db.safe_url}")
     return 0

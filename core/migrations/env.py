@@ -13,6 +13,17 @@ target_metadata = Base.metadata
 
 
 def run_migrations() -> None:
+    if context.is_offline_mode():
+        # `core.migrate.offline_sql`: render the DDL for review (sql/schema.postgresql.sql) without a database.
+        context.configure(
+            url=config.get_main_option("sqlalchemy.url"),
+            target_metadata=target_metadata,
+            literal_binds=True,
+            output_buffer=config.attributes.get("output_buffer"),
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+        return
     connection = config.attributes.get("connection")
     if connection is None:
         engine = create_engine(get_settings().database_url)

@@ -1,0 +1,234 @@
+BEGIN;
+
+CREATE TABLE alembic_version (
+    version_num VARCHAR(32) NOT NULL, 
+    CONSTRAINT alembic_version_pkc PRIMARY KEY (version_num)
+);
+
+-- Running upgrade  -> 0001
+
+CREATE TABLE campaigns (
+    id BIGSERIAL NOT NULL, 
+    name VARCHAR(200) NOT NULL, 
+    flow VARCHAR(100) NOT NULL, 
+    step VARCHAR(100) NOT NULL, 
+    delay_seconds INTEGER NOT NULL, 
+    text TEXT, 
+    template_name VARCHAR(200), 
+    template_language VARCHAR(16), 
+    template_params JSONB NOT NULL, 
+    max_sends INTEGER NOT NULL, 
+    quiet_start VARCHAR(5), 
+    quiet_end VARCHAR(5), 
+    timezone VARCHAR(64) NOT NULL, 
+    active BOOLEAN NOT NULL, 
+    filter_language VARCHAR(16), 
+    filter_phone_number_id VARCHAR(64), 
+    recovery_window_seconds INTEGER NOT NULL, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    PRIMARY KEY (id), 
+    UNIQUE (name)
+);
+
+CREATE TABLE inbound_events (
+    id BIGSERIAL NOT NULL, 
+    phone_number_id VARCHAR(64) NOT NULL, 
+    wamid VARCHAR(256) NOT NULL, 
+    user_id VARCHAR(128) NOT NULL, 
+    timestamp BIGINT NOT NULL, 
+    kind VARCHAR(32) NOT NULL, 
+    message JSONB NOT NULL, 
+    received_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    processed_at TIMESTAMP WITH TIME ZONE, 
+    result VARCHAR(16), 
+    PRIMARY KEY (id), 
+    CONSTRAINT uq_inbound_wamid UNIQUE (phone_number_id, wamid)
+);
+
+CREATE INDEX ix_inbound_pending ON inbound_events (phone_number_id, user_id, timestamp) WHERE processed_at IS NULL;
+
+CREATE INDEX ix_inbound_received ON inbound_events (received_at);
+
+CREATE INDEX ix_inbound_session ON inbound_events (phone_number_id, user_id, timestamp);
+
+CREATE TABLE job_runs (
+    id BIGSERIAL NOT NULL, 
+    job VARCHAR(50) NOT NULL, 
+    started_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    finished_at TIMESTAMP WITH TIME ZONE, 
+    ok BOOLEAN, 
+    result JSONB NOT NULL, 
+    owner VARCHAR(100), 
+    PRIMARY KEY (id)
+);
+
+CREATE INDEX ix_job_runs_job_started ON job_runs (job, started_at);
+
+CREATE TABLE message_status (
+    wamid VARCHAR(256) NOT NULL, 
+    phone_number_id VARCHAR(64) NOT NULL, 
+    recipient_id VARCHAR(128), 
+    status VARCHAR(16) NOT NULL, 
+    rank INTEGER NOT NULL, 
+    error_code INTEGER, 
+    status_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    PRIMARY KEY (wamid)
+);
+
+CREATE TABLE message_status_events (
+    id BIGSERIAL NOT NULL, 
+    wamid VARCHAR(256) NOT NULL, 
+    phone_number_id VARCHAR(64) NOT NULL, 
+    status VARCHAR(16) NOT NULL, 
+    timestamp BIGINT NOT NULL, 
+    errors JSONB NOT NULL, 
+    received_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    PRIMARY KEY (id), 
+    CONSTRAINT uq_status_event UNIQUE (wamid, status, timestamp)
+);
+
+CREATE INDEX ix_status_events_received ON message_status_events (received_at);
+
+CREATE TABLE sender_pauses (
+    phone_number_id VARCHAR(64) NOT NULL, 
+    error_code INTEGER, 
+    reason TEXT NOT NULL, 
+    paused_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    PRIMARY KEY (phone_number_id)
+);
+
+CREATE TABLE sessions (
+    phone_number_id VARCHAR(64) NOT NULL, 
+    user_id VARCHAR(128) NOT NULL, 
+    flow VARCHAR(100) NOT NULL, 
+    flow_version INTEGER NOT NULL, 
+    current_step VARCHAR(100) NOT NULL, 
+    data JSONB NOT NULL, 
+    version BIGINT NOT NULL, 
+    failure_count INTEGER NOT NULL, 
+    language VARCHAR(16) NOT NULL, 
+    status VARCHAR(16) NOT NULL, 
+    profile_name VARCHAR(256), 
+    opted_out BOOLEAN NOT NULL, 
+    opted_out_at TIMESTAMP WITH TIME ZONE, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    updated_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    last_inbound_at TIMESTAMP WITH TIME ZONE, 
+    window_closed_at TIMESTAMP WITH TIME ZONE, 
+    step_entered_at TIMESTAMP WITH TIME ZONE, 
+    last_transition_at TIMESTAMP WITH TIME ZONE, 
+    completed_at TIMESTAMP WITH TIME ZONE, 
+    archived_at TIMESTAMP WITH TIME ZONE, 
+    archived_from VARCHAR(16), 
+    PRIMARY KEY (phone_number_id, user_id)
+);
+
+CREATE INDEX ix_sessions_status_inbound ON sessions (status, last_inbound_at);
+
+CREATE INDEX ix_sessions_step_updated ON sessions (flow, current_step, updated_at);
+
+CREATE TABLE transitions (
+    id BIGSERIAL NOT NULL, 
+    phone_number_id VARCHAR(64) NOT NULL, 
+    user_id VARCHAR(128) NOT NULL, 
+    flow VARCHAR(100) NOT NULL, 
+    flow_version INTEGER NOT NULL, 
+    from_step VARCHAR(100), 
+    to_step VARCHAR(100) NOT NULL, 
+    outcome VARCHAR(16) NOT NULL, 
+    wamid VARCHAR(256) NOT NULL, 
+    at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    applied_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    elapsed_seconds FLOAT, 
+    session_version BIGINT NOT NULL, 
+    language VARCHAR(16), 
+    PRIMARY KEY (id), 
+    CONSTRAINT uq_transitions_wamid UNIQUE (phone_number_id, wamid)
+);
+
+CREATE INDEX ix_transitions_flow_at ON transitions (flow, at);
+
+CREATE INDEX ix_transitions_session ON transitions (phone_number_id, user_id, id);
+
+CREATE TABLE outbox (
+    id BIGSERIAL NOT NULL, 
+    idempotency_key VARCHAR(300) NOT NULL, 
+    phone_number_id VARCHAR(64) NOT NULL, 
+    user_id VARCHAR(128) NOT NULL, 
+    kind VARCHAR(16) NOT NULL, 
+    body JSONB NOT NULL, 
+    text TEXT, 
+    template VARCHAR(200), 
+    campaign_id BIGINT, 
+    step VARCHAR(100), 
+    in_reply_to VARCHAR(256), 
+    status VARCHAR(16) NOT NULL, 
+    wamid VARCHAR(256), 
+    attempts INTEGER NOT NULL, 
+    next_attempt_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    claimed_at TIMESTAMP WITH TIME ZONE, 
+    claimed_by VARCHAR(100), 
+    error_code INTEGER, 
+    error_title TEXT, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    sent_at TIMESTAMP WITH TIME ZONE, 
+    PRIMARY KEY (id), 
+    FOREIGN KEY(campaign_id) REFERENCES campaigns (id), 
+    UNIQUE (idempotency_key)
+);
+
+CREATE INDEX ix_outbox_due ON outbox (status, next_attempt_at);
+
+CREATE INDEX ix_outbox_session ON outbox (phone_number_id, user_id, id);
+
+CREATE INDEX ix_outbox_wamid ON outbox (wamid);
+
+CREATE TABLE followups (
+    id BIGSERIAL NOT NULL, 
+    campaign_id BIGINT NOT NULL, 
+    phone_number_id VARCHAR(64) NOT NULL, 
+    user_id VARCHAR(128) NOT NULL, 
+    attempt INTEGER NOT NULL, 
+    step VARCHAR(100) NOT NULL, 
+    status VARCHAR(16) NOT NULL, 
+    reason TEXT, 
+    outbox_id BIGINT, 
+    stalled_since TIMESTAMP WITH TIME ZONE, 
+    created_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    PRIMARY KEY (id), 
+    FOREIGN KEY(campaign_id) REFERENCES campaigns (id), 
+    FOREIGN KEY(outbox_id) REFERENCES outbox (id), 
+    CONSTRAINT uq_followup_attempt UNIQUE (campaign_id, phone_number_id, user_id, attempt)
+);
+
+CREATE INDEX ix_followups_session ON followups (phone_number_id, user_id);
+
+INSERT INTO alembic_version (version_num) VALUES ('0001') RETURNING alembic_version.version_num;
+
+-- Running upgrade 0001 -> 0002
+
+CREATE TABLE webhook_stats (
+    bucket TIMESTAMP WITH TIME ZONE NOT NULL, 
+    result VARCHAR(32) NOT NULL, 
+    count BIGINT NOT NULL, 
+    PRIMARY KEY (bucket, result)
+);
+
+UPDATE alembic_version SET version_num='0002' WHERE alembic_version.version_num = '0001';
+
+-- Running upgrade 0002 -> 0003
+
+ALTER TABLE outbox ADD COLUMN send_started_at TIMESTAMP WITH TIME ZONE;
+
+CREATE INDEX ix_outbox_campaign ON outbox (campaign_id);
+
+ALTER TABLE job_runs ADD COLUMN run_key VARCHAR(200);
+
+CREATE UNIQUE INDEX uq_job_runs_run_key ON job_runs (run_key);
+
+UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
+
+COMMIT;
+
