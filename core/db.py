@@ -91,6 +91,8 @@ def _postgres_engine(url: str, pool_size: int, max_overflow: int) -> Engine:
         url,
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per transaction on the hot path. A connection broken by a
+        # server restart fails once (callers answer 503 / retry) and SQLAlchemy then invalidates the pool.
+        pool_pre_ping=False,
         connect_args={"connect_timeout": 5},
     )
