@@ -1,0 +1,22 @@
+"""waflow dashboard: `streamlit run streamlit_app.py`. Sign-in first, then the pages under dashboard/pages/."""
+
+import streamlit as st
+
+from dashboard.login import account_sidebar, require_login
+
+st.set_page_config(page_title="waflow", page_icon="💬", layout="wide")
+
+user = require_login()  # an unauthenticated visitor sees only the login form: this stops the script
+account_sidebar(user)
+
+st.navigation(
+    [
+        st.Page("dashboard/pages/overview.py", title="Overview", icon="📊", default=True),
+        st.Page("dashboard/pages/states.py", title="States", icon="🧭"),
+        st.Page("dashboard/pages/funnel.py", title="Funnel", icon="🔻"),
+        st.Page("dashboard/pages/latency.py", title="Transition latency", icon="⏱️"),
+        st.Page("dashboard/pages/stalled.py", title="Stalled users", icon="💤"),
+        st.Page("dashboard/pages/campaigns.py", title="Campaigns", icon="📣"),
+        st.Page("dashboard/pages/health.py", title="Health", icon="🩺"),
+    ]
+).run()
