@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, literal, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -436,43 +436,56 @@ class _UserBatch:
 
     # -- write -------------------------------------------------------------------------------------
     def _write(self, original_version: int) -> None:
+        statements = self._statements(original_version)
+        if self.conn.dialect.name != "postgresql" or len(statements) < 2:
+            for statement in statements:
+                self.conn.execute(statement)
+            return
+        # One round trip instead of four: data-modifying CTEs all run, inside this same transaction.
+        combined = select(literal(1))
+        for index, statement in enumerate(statements):
+            combined = combined.add_cte(statement.cte(f"w{index}"))
+        self.conn.execute(combined)
+
+    def _statements(self, original_version: int) -> list[Any]:
+        statements: list[Any] = []
         if not self.session.get("moved"):
-            if self.session["status"] == "new":
-                self._delete_blank_session()
-            else:
-                self._write_state(original_version)
+            state = self._state_statement(original_version)
+            if state is not None:
+                statements.append(state)
         if self.transitions:
-            self.conn.execute(insert(Transition), self.transitions)
+            statements.append(insert(Transition).values(self.transitions))
         if self.outbox:
-            self.conn.execute(
-                _insert_for(self.conn)(Outbox).on_conflict_do_nothing(index_elements=["idempotency_key"]),
-                self.outbox,
+            statements.append(
+                _insert_for(self.conn)(Outbox)
+                .values(self.outbox)
+                .on_conflict_do_nothing(index_elements=["idempotency_key"])
             )
         for result, ids in self.results.items():
-            self.conn.execute(
+            statements.append(
                 update(InboundEvent)
                 .where(InboundEvent.id.in_(ids), InboundEvent.processed_at.is_(None))
                 .values(processed_at=self.now, result=result)
             )
+        return statements
 
-    def _write_state(self, original_version: int) -> None:
+    def _state_statement(self, original_version: int) -> Any:
         s = self.session
-        if s["version"] == original_version:
-            return
         phone, user = self.key
+        where = (ChatSession.phone_number_id == phone, ChatSession.user_id == user)
+        if s["status"] == "new":
+            # Nothing applied (only reactions, say): no blank session is left behind.
+            return delete(ChatSession).where(*where, ChatSession.status == "new")
+        if s["version"] == original_version:
+            return None
         columns = ChatSession.__table__.columns.keys()
         values = {k: v for k, v in s.items() if k in columns and k not in ("phone_number_id", "user_id", "created_at")}
-        self.conn.execute(
-            update(ChatSession).where(ChatSession.phone_number_id == phone, ChatSession.user_id == user).values(values)
-        )
+        return update(ChatSession).where(*where).values(values)
 
-    def _delete_blank_session(self) -> None:
-        phone, user = self.key
-        self.conn.execute(
-            delete(ChatSession).where(
-                and_(ChatSession.phone_number_id == phone, ChatSession.user_id == user, ChatSession.status == "new")
-            )
-        )
+    def _write_state(self, original_version: int) -> None:
+        statement = self._state_statement(original_version)
+        if statement is not None:
+            self.conn.execute(statement)
 
 
 def apply_keys(engine: Engine, keys: Iterable[SessionKey]) -> int:
