@@ -28,11 +28,23 @@ class Database:
             raise DatabaseUnavailableError(f"unsupported DATABASE_URL backend {self.url.get_backend_name()!r}")
         self.engine = _sqlite_engine(url) if self.is_sqlite else _postgres_engine(url, pool_size, max_overflow)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextmanager
     def begin(self) -> Iterator[Connection]:
         """One transaction on a Core connection (SQLite: BEGIN IMMEDIATE, i.e. the single writer lock)."""
         with self.engine.begin() as conn:
+            yield conn
+
+    @contextmanager
+    def single_statement(self) -> Iterator[Connection]:
+        """For one statement that is atomic on its own: on PostgreSQL it runs in autocommit, saving the
+        BEGIN and COMMIT round trips; on SQLite it is an ordinary (immediate) transaction."""
+        if self.is_sqlite:
+            with self.begin() as conn:
+                yield conn
+            return
+        with self.autocommit.connect() as conn:
             yield conn
 
     @contextmanager

@@ -97,7 +97,7 @@ class Engine:
             for m in unique.values()
         ]
         try:
-            with self.db.begin() as conn:
+            with self.db.single_statement() as conn:
                 stmt = (
                     _insert_for(conn)(InboundEvent)
                     .values(rows)
