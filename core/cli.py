@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "core.commands.serve",
     "core.commands.analytics",
     "core.commands.campaigns",
+    "core.commands.simulate",
 )
 
 
