@@ -4,19 +4,19 @@ import streamlit as st
 
 from dashboard.login import account_sidebar, require_login
 
-st.set_page_config(page_title="waflow", page_icon="💬", layout="wide")
+st.set_page_config(page_title="waflow", page_icon=":material/chat:", layout="wide")
 
 user = require_login()  # an unauthenticated visitor sees only the login form: this stops the script
 account_sidebar(user)
 
 st.navigation(
     [
-        st.Page("dashboard/pages/overview.py", title="Overview", icon="📊", default=True),
-        st.Page("dashboard/pages/states.py", title="States", icon="🧭"),
-        st.Page("dashboard/pages/funnel.py", title="Funnel", icon="🔻"),
-        st.Page("dashboard/pages/latency.py", title="Transition latency", icon="⏱️"),
-        st.Page("dashboard/pages/stalled.py", title="Stalled users", icon="💤"),
-        st.Page("dashboard/pages/campaigns.py", title="Campaigns", icon="📣"),
-        st.Page("dashboard/pages/health.py", title="Health", icon="🩺"),
+        st.Page("dashboard/pages/overview.py", title="Overview", icon=":material/dashboard:", default=True),
+        st.Page("dashboard/pages/states.py", title="States", icon=":material/explore:"),
+        st.Page("dashboard/pages/funnel.py", title="Funnel", icon=":material/filter_alt:"),
+        st.Page("dashboard/pages/latency.py", title="Transition latency", icon=":material/timer:"),
+        st.Page("dashboard/pages/stalled.py", title="Stalled users", icon=":material/hourglass_empty:"),
+        st.Page("dashboard/pages/campaigns.py", title="Campaigns", icon=":material/campaign:"),
+        st.Page("dashboard/pages/health.py", title="Health", icon=":material/monitor_heart:"),
     ]
 ).run()

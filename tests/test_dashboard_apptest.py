@@ -389,4 +389,3 @@ def _fresh_caches() -> None:
     import streamlit as st
 
     st.cache_data.clear()
-    return
