@@ -43,7 +43,10 @@ HOUR = 3_600
 # Meta batches whatever arrives within about a second into one POST.
 BATCH_WINDOW_SECONDS = 1
 MAX_BATCH = 6
-ENCODINGS = ("meta", "utf8", "pretty")
+# How a body is serialized. "meta" is what Meta sends; a retry of the same event arrives as other bytes
+# ("spaced", "pretty": raw UTF-8, other whitespace), which is why dedupe must key on the wamid, not the body.
+ENCODINGS = ("meta", "utf8", "spaced", "pretty")
+REDELIVERY_ENCODINGS = ("spaced", "pretty")
 
 # Relative weight of a conversation starting at each UTC hour: quiet nights, lunch and evening peaks.
 HOUR_WEIGHTS = (1, 1, 1, 1, 1, 1, 2, 4, 6, 7, 8, 8, 10, 10, 8, 7, 7, 8, 9, 10, 10, 8, 5, 2)
@@ -233,7 +236,7 @@ class _Conversation:
             if self.rng.random() < self.gen.config.redelivery_share:
                 # Meta retries (or a second subscribed app): same wamid, new bytes, seconds to minutes later.
                 later = at + self.rng.choice((5, 20, 90, 600, 1800))
-                self.posts.append(Post(at=later, messages=(m,), encoding=self.rng.choice(ENCODINGS[1:]),
+                self.posts.append(Post(at=later, messages=(m,), encoding=self.rng.choice(REDELIVERY_ENCODINGS),
                                        redelivery=True))
 
     def apply(self, msg: SimMessage, context_step: str | None) -> None:
@@ -575,8 +578,8 @@ def webhook_body(messages: Sequence[SimMessage], *, encoding: str = "meta",
                  resolve: ContextResolver | None = None) -> bytes:
     """A `whatsapp_business_account` POST body: one change per business number, Meta's field layout.
 
-    "meta" is how Meta sends it (compact, non-ASCII as \\uXXXX escapes); "utf8" and "pretty" are the same
-    content as other bytes, the way a retry can differ.
+    "meta" is how Meta sends it (compact, non-ASCII as \\uXXXX escapes); the other ENCODINGS are the same
+    content as other bytes.
     """
     changes = []
     for phone_number_id in dict.fromkeys(m.phone_number_id for m in messages):
@@ -608,6 +611,8 @@ def status_body(phone_number_id: str, statuses: Sequence[Mapping[str, Any]], *, 
 def _encode(body: dict[str, Any], encoding: str) -> bytes:
     if encoding == "utf8":
         return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    if encoding == "spaced":
+        return json.dumps(body, ensure_ascii=False).encode("utf-8")
     if encoding == "pretty":
         return json.dumps(body, ensure_ascii=False, indent=1).encode("utf-8")
     return json.dumps(body, separators=(",", ":")).encode("ascii")

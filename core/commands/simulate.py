@@ -44,7 +44,7 @@ STATUS_CHUNK = 100
 def register(sub: Any) -> None:
     sim = sub.add_parser("simulate", help="send a simulated week of users through a running webhook (demo traffic)")
     sim.add_argument("--url", default="http://127.0.0.1:8000/webhook", help="the webhook URL (POST /webhook)")
-    sim.add_argument("--users", type=_positive_int, default=300)
+    sim.add_argument("--users", type=_positive_int, default=200)
     sim.add_argument("--days", type=_positive_float, default=7.0, help="simulated span, ending now")
     sim.add_argument("--seed", type=int, default=7, help="same seed, same traffic (and the same wamids: deduplicated)")
     sim.add_argument("--speed", type=float, default=20_000.0,
