@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pandas as pd
@@ -31,12 +31,16 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    update,
 )
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from core.db import Database
 from core.flows import Flow
 from core.models import (
+    AnalyticsWatermark,
     ChatSession,
     FollowUp,
     InboundEvent,
@@ -44,6 +48,7 @@ from core.models import (
     MessageStatus,
     Outbox,
     SenderPause,
+    StepReach,
     Transition,
     WebhookStat,
 )
@@ -282,9 +287,68 @@ def state_distribution(db: Database, now: datetime, filters: Filters = Filters()
 
 
 # ---------------------------------------------------------------------------------------- funnel
+ROLLUP = "step_reach"
+# Transitions applied this recently may still have uncommitted neighbours with lower ids: read them again next time.
+SETTLE = timedelta(minutes=2)
+ROLLUP_LOCK_KEY = 0x77616E61  # PostgreSQL advisory lock: one refresh at a time
+
+
+def _least(conn: Connection, a: Any, b: Any) -> Any:
+    return func.least(a, b) if conn.dialect.name == "postgresql" else func.min(a, b)
+
+
+def refresh_rollups(db: Database, now: datetime | None = None) -> int:
+    """Bring `analytics_step_reach` up to date with `transitions`; returns the transitions read.
+
+    Incremental (from the stored watermark) and idempotent (first times only ever move earlier), so it is
+    safe to run from a job, before a query, or both. A job should run it every minute or so at scale.
+    """
+    now = now or datetime.now(UTC)
+    t, r = Transition, StepReach
+    with db.begin() as conn:
+        if db.is_postgres and not conn.scalar(select(func.pg_try_advisory_xact_lock(ROLLUP_LOCK_KEY))):
+            return 0  # another process is refreshing right now
+        low = conn.scalar(select(AnalyticsWatermark.last_id).where(AnalyticsWatermark.name == ROLLUP)) or 0
+        high = conn.scalar(select(func.max(t.id)))
+        if high is None or high <= low:
+            return 0
+        in_range = and_(t.id > low, t.id <= high)
+        firsts = (
+            select(t.phone_number_id, t.user_id, t.flow, t.to_step, func.min(t.at))
+            .where(in_range, t.outcome.not_in(NOT_PROGRESS))
+            .group_by(t.phone_number_id, t.user_id, t.flow, t.to_step)
+        )
+        upsert = _insert_for(conn)(StepReach).from_select(["phone_number_id", "user_id", "flow", "step", "first_at"],
+                                                          firsts)
+        conn.execute(upsert.on_conflict_do_update(
+            index_elements=["phone_number_id", "user_id", "flow", "step"],
+            set_={"first_at": _least(conn, upsert.excluded.first_at, r.first_at)},
+        ))
+        other = aliased(StepReach)
+        entered = select(func.min(other.first_at)).where(
+            other.phone_number_id == r.phone_number_id, other.user_id == r.user_id, other.flow == r.flow
+        ).scalar_subquery()
+        touched = select(t.id).where(in_range, t.phone_number_id == r.phone_number_id, t.user_id == r.user_id).exists()
+        conn.execute(update(StepReach).where(touched).values(entered_at=entered))
+        settled = conn.scalar(select(func.max(t.id)).where(in_range, t.applied_at <= now - SETTLE)) or low
+        watermark = _insert_for(conn)(AnalyticsWatermark).values(name=ROLLUP, last_id=settled, refreshed_at=now)
+        conn.execute(watermark.on_conflict_do_update(
+            index_elements=["name"], set_={"last_id": settled, "refreshed_at": now}
+        ))
+        return int(high - low)
+
+
+def _insert_for(conn: Connection) -> Any:
+    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
 @dataclass(frozen=True)
 class _FunnelQuery:
-    """The per-user reach rows of one flow: who entered (cohort) and when each path step was first reached."""
+    """One row per cohort user ("journey"): when they entered the flow and first reached each path step.
+
+    Cohort: users whose first arrival in the flow lies in [since, until). Step i is reached (column s<i>,
+    epoch seconds) when first reached within `window_seconds` of entering (no limit when None).
+    """
 
     db: Database
     flow: Flow
@@ -296,120 +360,103 @@ class _FunnelQuery:
     def path(self) -> list[str]:
         return funnel_path(self.flow)
 
-    def entry(self) -> Any:
-        """Cohort: users whose first arrival at the start step lies in the date range; `segment` for breakdowns."""
-        t, f = Transition, self.filters
+    def journeys(self) -> Any:
+        r, f, db = StepReach, self.filters, self.db
         segment: Expr
         if self.by == "language":
             segment = ChatSession.language
         elif self.by == "phone_number_id":
-            segment = t.phone_number_id
+            segment = r.phone_number_id
         else:
             segment = literal("all")
-        clauses = [t.flow == self.flow.name, t.to_step == self.flow.start, t.outcome.not_in(NOT_PROGRESS)]
+        clauses = [r.flow == self.flow.name, r.step.in_(self.path), r.entered_at.is_not(None)]
         if f.phone_number_id:
-            clauses.append(t.phone_number_id == f.phone_number_id)
+            clauses.append(r.phone_number_id == f.phone_number_id)
         if f.since:
-            clauses.append(t.at >= f.since)
+            clauses.append(r.entered_at >= f.since)
         if f.until:
-            clauses.append(t.at < f.until)
-        stmt = select(t.phone_number_id, t.user_id, segment.label("segment"), func.min(t.at).label("entered_at"))
+            clauses.append(r.entered_at < f.until)
+        in_time: ColumnElement[bool] = true()
+        if self.window_seconds is not None:
+            in_time = _seconds_between(db, r.first_at, r.entered_at) <= self.window_seconds
+        steps = [
+            func.max(case((and_(r.step == step, in_time), _epoch(db, r.first_at)), else_=None)).label(f"s{i}")
+            for i, step in enumerate(self.path)
+        ]
+        stmt = select(r.phone_number_id, r.user_id, segment.label("segment"),
+                      _epoch(db, func.min(r.entered_at)).label("entered"), *steps)
         if f.language or self.by == "language":
-            stmt = stmt.join(
-                ChatSession, and_(ChatSession.phone_number_id == t.phone_number_id, ChatSession.user_id == t.user_id)
-            )
+            stmt = stmt.join(ChatSession, and_(ChatSession.phone_number_id == r.phone_number_id,
+                                               ChatSession.user_id == r.user_id))
             if f.language:
                 clauses.append(ChatSession.language == f.language)
-        return stmt.where(*clauses).group_by(t.phone_number_id, t.user_id, segment).cte("entry")
+        return stmt.where(*clauses).group_by(r.phone_number_id, r.user_id, segment).subquery("journeys")
 
-    def reach(self) -> Any:
-        e, t = self.entry(), Transition
-        clauses = [
-            t.flow == self.flow.name, t.to_step.in_(self.path), t.outcome.not_in(NOT_PROGRESS), t.at >= e.c.entered_at
-        ]
-        if self.window_seconds is not None:
-            clauses.append(_seconds_between(self.db, t.at, e.c.entered_at) <= self.window_seconds)
-        return (
-            select(
-                e.c.phone_number_id,
-                e.c.user_id,
-                e.c.segment,
-                e.c.entered_at,
-                t.to_step.label("step"),
-                func.min(t.at).label("first_at"),
-            )
-            .join(t, and_(t.phone_number_id == e.c.phone_number_id, t.user_id == e.c.user_id))
-            .where(*clauses)
-            .group_by(e.c.phone_number_id, e.c.user_id, e.c.segment, e.c.entered_at, t.to_step)
-            .cte("reach")
-        )
 
-    def next_of(self, step: ColumnElement[Any]) -> ColumnElement[Any]:
-        path = self.path
-        return case({a: b for a, b in zip(path, path[1:], strict=False)}, value=step, else_=None)
+def _went_on(j: Any, i: int) -> ColumnElement[bool]:
+    return j.c[f"s{i + 1}"] >= j.c[f"s{i}"]
+
+
+def _funnel_sums(db: Database, q: _FunnelQuery) -> pd.DataFrame:
+    """Per segment: reached<i>, went<i> and median<i> (seconds to the next step), on either backend."""
+    j, n = q.journeys(), len(q.path)
+    if db.is_postgres:
+        columns: list[Any] = [func.count(j.c[f"s{i}"]).label(f"reached{i}") for i in range(n)]
+        for i in range(n - 1):
+            gap = case((_went_on(j, i), j.c[f"s{i + 1}"] - j.c[f"s{i}"]), else_=None)
+            columns.append(func.count(gap).label(f"went{i}"))
+            columns.append(func.percentile_cont(0.5).within_group(gap).label(f"median{i}"))
+        return _frame(db, select(j.c.segment, *columns).group_by(j.c.segment))
+    rows = _frame(db, select(j))
+    out = []
+    for segment, group in rows.groupby("segment", sort=False):
+        record: dict[str, Any] = {"segment": segment}
+        for i in range(n):
+            record[f"reached{i}"] = int(group[f"s{i}"].notna().sum())
+        for i in range(n - 1):
+            a, b = group[f"s{i}"].astype(float), group[f"s{i + 1}"].astype(float)
+            gaps = (b - a)[b >= a]
+            record[f"went{i}"] = len(gaps)
+            record[f"median{i}"] = float(gaps.median()) if len(gaps) else None
+        out.append(record)
+    return pd.DataFrame(out)
 
 
 def funnel(
     db: Database, flow: Flow, filters: Filters = Filters(), window_seconds: float | None = None, by: str | None = None
 ) -> pd.DataFrame:
-    """Step-by-step funnel along the flow's main path.
+    """Step-by-step funnel along the flow's main path (see `_FunnelQuery` for cohort and window).
 
-    Cohort: users whose first arrival at the start step is in [since, until). A step counts as reached when
-    the user first got there within `window_seconds` of entering (no limit when None). Per step: reached,
-    went_on (also reached the next step, after this one), conversion_pct (reached / cohort), drop_off_pct
-    (reached but not the next step, % of reached) and median_seconds_to_next (first arrival here → first
-    arrival at the next step). With `by` ("language" | "phone_number_id") the same per segment.
+    Per step: reached, went_on (also reached the next step, after this one), conversion_pct (reached /
+    cohort), drop_off_pct (reached but did not go on, % of reached) and median_seconds_to_next. With `by`
+    ("language" | "phone_number_id") one block of rows per segment.
     """
+    refresh_rollups(db)
     q = _FunnelQuery(db, flow, filters, window_seconds, by)
-    reach = q.reach()
-    reached = _frame(
-        db, select(reach.c.segment, reach.c.step, func.count().label("reached")).group_by(reach.c.segment, reach.c.step)
-    )
-    a, b = reach.alias("a"), reach.alias("b")
-    pairs = select(
-        a.c.segment, a.c.step, _seconds_between(db, b.c.first_at, a.c.first_at).label("seconds")
-    ).join(
-        b,
-        and_(
-            b.c.phone_number_id == a.c.phone_number_id,
-            b.c.user_id == a.c.user_id,
-            b.c.step == q.next_of(a.c.step),
-            b.c.first_at >= a.c.first_at,
-        ),
-    )
-    onward = _quantiles(db, pairs, ["segment", "step"], "seconds", (0.5,)).rename(
-        columns={"n": "went_on", "p50": "median_seconds_to_next"}
-    )
-    return _funnel_table(q.path, reached, onward)
-
-
-def _funnel_table(path: list[str], reached: pd.DataFrame, onward: pd.DataFrame) -> pd.DataFrame:
+    sums = _funnel_sums(db, q)
     columns = ["segment", "position", "step", "reached", "went_on", "conversion_pct", "drop_off_pct",
                "median_seconds_to_next"]
-    segments = sorted(reached["segment"].unique().tolist()) if not reached.empty else []
     rows: list[dict[str, Any]] = []
-    for segment in segments:
-        counts = reached[reached["segment"] == segment].set_index("step")["reached"]
-        nexts = onward[onward["segment"] == segment].set_index("step")
-        cohort = int(counts.get(path[0], 0))
-        for position, step in enumerate(path, start=1):
-            n = int(counts.get(step, 0))
-            last = position == len(path)
-            went_on = None if last else int(nexts["went_on"].get(step, 0))
-            median = None if last or step not in nexts.index else float(nexts.loc[step, "median_seconds_to_next"])
+    path = q.path
+    for record in sorted(sums.to_dict("records"), key=lambda rec: str(rec["segment"])):
+        cohort = int(record["reached0"])
+        if not cohort:
+            continue
+        for i, step in enumerate(path):
+            reached = int(record[f"reached{i}"])
+            last = i == len(path) - 1
+            went = None if last else int(record[f"went{i}"])
+            median = None if last else record[f"median{i}"]
             rows.append({
-                "segment": segment,
-                "position": position,
-                "step": step,
-                "reached": n,
-                "went_on": went_on,
-                "conversion_pct": round(100.0 * n / cohort, 1) if cohort else 0.0,
-                "drop_off_pct": None if last or not n else round(100.0 * (n - (went_on or 0)) / n, 1),
-                "median_seconds_to_next": None if median is None else round(median, 3),
+                "segment": record["segment"], "position": i + 1, "step": step, "reached": reached, "went_on": went,
+                "conversion_pct": round(100.0 * reached / cohort, 1),
+                "drop_off_pct": None if last or not reached else round(100.0 * (reached - (went or 0)) / reached, 1),
+                "median_seconds_to_next": None if median is None or pd.isna(median) else round(float(median), 3),
             })
     frame = pd.DataFrame(rows, columns=columns)
-    for column in ("went_on", "drop_off_pct", "median_seconds_to_next"):
-        frame[column] = frame[column].astype("Float64") if column != "went_on" else frame[column].astype("Int64")
+    frame["went_on"] = frame["went_on"].astype("Int64")
+    frame["drop_off_pct"] = frame["drop_off_pct"].astype("Float64")
+    frame["median_seconds_to_next"] = frame["median_seconds_to_next"].astype("Float64")
     return frame
 
 
@@ -417,13 +464,12 @@ def time_to_complete(
     db: Database, flow: Flow, filters: Filters = Filters(), window_seconds: float | None = None
 ) -> pd.DataFrame:
     """Per cohort user who reached the flow's last path step: seconds from entering to getting there."""
+    refresh_rollups(db)
     q = _FunnelQuery(db, flow, filters, window_seconds)
-    reach = q.reach()
-    stmt = select(
-        reach.c.phone_number_id,
-        reach.c.user_id,
-        _seconds_between(db, reach.c.first_at, reach.c.entered_at).label("seconds"),
-    ).where(reach.c.step == q.path[-1])
+    j, last = q.journeys(), f"s{len(q.path) - 1}"
+    stmt = select(j.c.phone_number_id, j.c.user_id, (j.c[last] - j.c.entered).label("seconds")).where(
+        j.c[last].is_not(None)
+    ).order_by(j.c.phone_number_id, j.c.user_id)
     frame = _frame(db, stmt)
     frame["seconds"] = frame["seconds"].astype(float).round(3)
     return frame
@@ -438,38 +484,22 @@ def dropped_users(
     path = q.path
     if step not in path[:-1]:
         raise ValueError(f"{step!r} is not a non-final step of {flow.name}'s funnel {path}")
-    reach = q.reach()
-    a, b = reach.alias("a"), reach.alias("b")
-    went_on = (
-        select(b.c.step)
-        .where(
-            b.c.phone_number_id == a.c.phone_number_id,
-            b.c.user_id == a.c.user_id,
-            b.c.step == path[path.index(step) + 1],
-            b.c.first_at >= a.c.first_at,
-        )
-        .exists()
-    )
+    refresh_rollups(db)
+    j, i = q.journeys(), path.index(step)
+    here, there = j.c[f"s{i}"], j.c[f"s{i + 1}"]
     stmt = (
-        select(
-            a.c.phone_number_id,
-            a.c.user_id,
-            a.c.entered_at,
-            a.c.first_at.label("reached_at"),
-            ChatSession.current_step,
-            ChatSession.status,
-            ChatSession.language,
-            ChatSession.last_inbound_at,
-        )
-        .join(ChatSession, and_(ChatSession.phone_number_id == a.c.phone_number_id,
-                                ChatSession.user_id == a.c.user_id))
-        .where(a.c.step == step, ~went_on)
-        .order_by(a.c.first_at.desc(), a.c.phone_number_id, a.c.user_id)
+        select(j.c.phone_number_id, j.c.user_id, j.c.entered, here.label("reached"), ChatSession.current_step,
+               ChatSession.status, ChatSession.language, ChatSession.last_inbound_at)
+        .join(ChatSession, and_(ChatSession.phone_number_id == j.c.phone_number_id,
+                                ChatSession.user_id == j.c.user_id))
+        .where(here.is_not(None), or_(there.is_(None), there < here))
+        .order_by(here.desc(), j.c.phone_number_id, j.c.user_id)
         .limit(limit)
     )
     frame = _frame(db, stmt)
-    for column in ("entered_at", "reached_at", "last_inbound_at"):
-        frame[column] = _to_utc(frame[column])
+    frame.insert(2, "entered_at", pd.to_datetime(frame.pop("entered").astype(float), unit="s", utc=True).dt.round("ms"))
+    frame.insert(3, "reached_at", pd.to_datetime(frame.pop("reached").astype(float), unit="s", utc=True).dt.round("ms"))
+    frame["last_inbound_at"] = _to_utc(frame["last_inbound_at"])
     return frame
 
 

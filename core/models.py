@@ -322,3 +322,32 @@ class WebhookStat(Base):
     bucket: Mapped[datetime] = mapped_column(primary_key=True)  # start of the minute, UTC
     result: Mapped[str] = mapped_column(String(32), primary_key=True)
     count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StepReach(Base):
+    """Analytics rollup: when each session first reached each step of a flow, and first entered the flow.
+
+    Rebuilt incrementally from `transitions` by `core.analytics.refresh_rollups`; funnels read this table.
+    """
+
+    __tablename__ = "analytics_step_reach"
+
+    phone_number_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    flow: Mapped[str] = mapped_column(String(100), primary_key=True)
+    step: Mapped[str] = mapped_column(String(100), primary_key=True)
+    first_at: Mapped[datetime]
+    # The session's first arrival anywhere in this flow (the funnel cohort is chosen by it).
+    entered_at: Mapped[datetime | None]
+
+    __table_args__ = (Index("ix_step_reach_flow_entered", "flow", "entered_at"),)
+
+
+class AnalyticsWatermark(Base):
+    """How far each rollup has read its source table (transitions.id)."""
+
+    __tablename__ = "analytics_watermarks"
+
+    name: Mapped[str] = mapped_column(String(50), primary_key=True)
+    last_id: Mapped[int] = mapped_column(BigInteger)
+    refreshed_at: Mapped[datetime] = mapped_column(default=utcnow)

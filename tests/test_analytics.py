@@ -305,3 +305,17 @@ def test_export_stalled_command_writes_the_filtered_rows(story: Database, databa
     bad = run_cli(database_url, flows_dir, "export-stalled", "--step", "ask_name", "--idle", "soon", "--out", str(out))
     assert bad.returncode == 2
     assert "soon" in bad.stderr
+
+
+def test_funnel_rollup_is_refreshed_incrementally(story: Database, engine: Engine, registry: FlowRegistry) -> None:
+    assert analytics.funnel(story, lead(registry), SINCE)["reached"].tolist() == [4, 3, 2, 1]
+    assert analytics.refresh_rollups(story) == 0  # nothing new since the funnel above refreshed it
+    deliver(engine, "PN1", "u3", 8000, "Dee")
+    deliver(engine, "PN1", "u3", 8100, "dee@example.com")
+    frame = analytics.funnel(story, lead(registry), SINCE)
+    assert rows(frame, "step", "reached", "went_on", "median_seconds_to_next") == [
+        ("ask_name", 4, 4, 1950.0),  # median of 60, 300, 3600 and u3's 7800 s
+        ("ask_email", 4, 3, 120.0),
+        ("ask_city", 3, 1, 300.0),
+        ("done", 1, None, None),
+    ]
