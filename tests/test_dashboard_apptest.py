@@ -389,3 +389,29 @@ def _fresh_caches() -> None:
     import streamlit as st
 
     st.cache_data.clear()
+
+
+# ------------------------------------------------------------------------------------- core.auth
+def test_password_hashes_roles_and_masking() -> None:
+    from core.auth import CredentialsError, authenticate, load_users, parse_users, verify_password
+
+    encoded = hash_password("s3cret", iterations=1000, salt=bytes(16))
+    assert encoded.startswith("pbkdf2_sha256$1000$" + "00" * 16 + "$")
+    assert verify_password("s3cret", encoded)
+    assert not verify_password("s3cret ", encoded)
+    assert hash_password("s3cret", iterations=1000) != hash_password("s3cret", iterations=1000)  # salted
+    users = parse_users(f"ann:admin:{encoded}, bo:viewer:{encoded}")
+    assert authenticate(users, "ann", "s3cret").role == "admin"  # type: ignore[union-attr]
+    assert authenticate(users, "bo", "s3cret").is_admin is False  # type: ignore[union-attr]
+    assert authenticate(users, "ann", "nope") is None
+    assert authenticate(users, "nobody", "s3cret") is None
+    for bad in ("ann:root:" + encoded, "ann:admin:sha256$abc", "ann:admin", "ann:admin:pbkdf2_sha256$x$00$00"):
+        with pytest.raises(CredentialsError):
+            parse_users(bad)
+    assert load_users(Settings(dashboard_users="", demo_mode=False)) == {}
+    demo = load_users(Settings(dashboard_users="", demo_mode=True))
+    assert authenticate(demo, "demo", "demo").role == "admin"  # type: ignore[union-attr]
+    from_secrets = load_users(Settings(dashboard_users=""), {"dashboard_users": {"sec": f"viewer:{encoded}"}})
+    assert from_secrets["sec"].role == "viewer"
+    assert mask_number("34600123456") == "•••••••3456"
+    assert mask_number("12") == "••"
