@@ -15,7 +15,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import select, tuple_, update
+from sqlalchemy import Integer, literal_column, select, text, tuple_, update
 
 from core.config import Settings
 from core.db import Database
@@ -58,25 +58,35 @@ def archive_batch(
     `after` continues from the previous batch: the (status, last_inbound_at) index is walked forward instead
     of re-reading, batch after batch, the entries of sessions already archived.
     """
-    s = ChatSession
-    conditions = [s.status == status, s.last_inbound_at < cutoff]
-    if after is not None:
-        conditions.append(s.last_inbound_at >= after)
-    idle = (
-        select(s.phone_number_id, s.user_id)
-        .where(*conditions)
-        .order_by(s.last_inbound_at)
-        .limit(size)
-        .with_for_update(skip_locked=True)
-    )
-    stmt = (
-        update(s)
-        .where(tuple_(s.phone_number_id, s.user_id).in_(idle))
-        .values(status="archived", archived_from=s.status, archived_at=now)
-        .returning(s.last_inbound_at)
-    )
+    params = {"status": status, "cutoff": cutoff, "now": now, "size": size, "after": after}
+    resume = "AND last_inbound_at >= :after" if after is not None else ""
     with db.begin() as conn:
-        stamps = [row[0] for row in conn.execute(stmt) if row[0] is not None]
+        if db.is_postgres:
+            # Rows are picked by physical id (ctid) so the update is a TID scan, not a join over the whole table;
+            # the ctids are stable because the same statement holds the rows locked.
+            sql = f"""
+                UPDATE sessions SET status = 'archived', archived_from = status, archived_at = :now
+                WHERE ctid = ANY(ARRAY(
+                    SELECT ctid FROM sessions
+                    WHERE status = :status AND last_inbound_at < :cutoff {resume}
+                    ORDER BY last_inbound_at LIMIT :size
+                    FOR UPDATE SKIP LOCKED))
+                RETURNING last_inbound_at"""
+            stamps = [row[0] for row in conn.execute(text(sql), params)]
+        else:
+            s = ChatSession
+            conditions = [s.status == status, s.last_inbound_at < cutoff]
+            if after is not None:
+                conditions.append(s.last_inbound_at >= after)
+            rowid = literal_column("rowid", Integer())
+            idle = select(rowid).select_from(s).where(*conditions).order_by(s.last_inbound_at).limit(size)
+            stmt = (
+                update(s)
+                .where(rowid.in_(idle.scalar_subquery()))
+                .values(status="archived", archived_from=s.status, archived_at=now)
+                .returning(s.last_inbound_at)
+            )
+            stamps = [row[0] for row in conn.execute(stmt) if row[0] is not None]
     return len(stamps), (max(stamps) if stamps else after)
 
 
