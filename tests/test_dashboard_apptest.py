@@ -204,6 +204,11 @@ def test_login_gate_holds(seeded_url: str, users_env: None, monkeypatch: pytest.
     assert not at.exception
     assert at.session_state["auth_user"] == {"name": "alice", "role": "admin"}
     assert [m.label for m in at.metric][:2] == ["Active sessions", "Completed"]
+    db = Database(seeded_url)
+    counts = analytics.session_counts(db)
+    db.dispose()
+    assert [m.value for m in at.metric][:4] == [f"{int(counts.loc[0, k]):,}" for k in
+                                                ("active", "completed", "archived", "total")]
 
 
 def test_no_default_password_outside_demo_mode(seeded_url: str, monkeypatch: pytest.MonkeyPatch) -> None:

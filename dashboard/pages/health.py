@@ -14,23 +14,24 @@ url, now = data.url(), data.now()
 hours = st.selectbox("Period", [1, 6, 24, 72, 168], index=2, key="health_hours", format_func=lambda h: f"last {h} h")
 since = now - timedelta(hours=hours)
 
-pending = data.pending_queue(url, now).iloc[0]
+queue = data.pending_queue(url, now)
+pending, oldest = int(queue.loc[0, "pending"]), float(queue.loc[0, "oldest_age_seconds"])
 threshold = data.settings().pending_warning_threshold
-overall = data.apply_latency(url, since, None, None).iloc[0]
+overall = data.apply_latency(url, since, None, None)
+applied, p99 = int(overall.loc[0, "n"]), overall.loc[0, "p99"]
 totals = data.webhook_totals(url, since, None)
 by_result = dict(zip(totals["result"], totals["count"], strict=True))
 cols = st.columns(5)
 cols[0].metric("Accepted webhooks", f"{by_result.get('accepted', 0):,}")
 cols[1].metric("Duplicates", f"{by_result.get('duplicate', 0):,}")
 cols[2].metric("Rejected", f"{sum(v for k, v in by_result.items() if k.startswith('rejected')):,}")
-cols[3].metric("Pending messages", f"{pending['pending']:,}",
-               help=f"Oldest waits {common.seconds_label(pending['oldest_age_seconds'])}")
-cols[4].metric("Apply latency p99", common.seconds_label(overall["p99"]) if overall["n"] else "–")
-if pending["pending"] > threshold:
-    st.error(f"Pending queue depth {pending['pending']:,} is above the warning threshold {threshold:,} "
+cols[3].metric("Pending messages", f"{pending:,}", help=f"Oldest waits {common.seconds_label(oldest)}")
+cols[4].metric("Apply latency p99", f"{p99:.3f} s" if applied else "–", help=f"{applied:,} messages applied")
+if pending > threshold:
+    st.error(f"Pending queue depth {pending:,} is above the warning threshold {threshold:,} "
              "(PENDING_WARNING_THRESHOLD): are the webhook workers / sweeper running?")
 else:
-    st.success(f"Pending queue depth {pending['pending']:,} (warning above {threshold:,}).")
+    st.success(f"Pending queue depth {pending:,} (warning above {threshold:,}).")
 
 for pause in data.sender_pauses(url).itertuples():
     st.error(f"Sending paused for {pause.phone_number_id} since {pause.paused_at:%Y-%m-%d %H:%M} UTC: {pause.reason}")

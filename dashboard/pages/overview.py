@@ -15,12 +15,12 @@ url, now = data.url(), data.now()
 filters = common.filter_bar("overview", language=False, default_days=14)
 
 counts = data.session_counts(url, Filters(flow=filters.flow, phone_number_id=filters.phone_number_id))
-row = counts.iloc[0]
+row = {k: counts.loc[0, k] for k in counts.columns}  # per column: a row Series would turn counts into floats
 cols = st.columns(5)
-cols[0].metric("Active sessions", f"{row['active']:,}")
-cols[1].metric("Completed", f"{row['completed']:,}")
-cols[2].metric("Archived", f"{row['archived']:,}")
-cols[3].metric("All sessions", f"{row['total']:,}")
+cols[0].metric("Active sessions", f"{int(row['active']):,}")
+cols[1].metric("Completed", f"{int(row['completed']):,}")
+cols[2].metric("Archived", f"{int(row['archived']):,}")
+cols[3].metric("All sessions", f"{int(row['total']):,}")
 cols[4].metric("Completion rate", f"{row['completion_rate']:.1f} %", help="Finished the flow (also if archived "
                "afterwards) / all sessions")
 
@@ -40,7 +40,7 @@ with right:
 
 st.subheader("Webhook health, last 24 h")
 totals = data.webhook_totals(url, now - timedelta(hours=24), None)
-pending = data.pending_queue(url, now).iloc[0]
+pending = int(data.pending_queue(url, now).loc[0, "pending"])
 threshold = data.settings().pending_warning_threshold
 health = st.columns(4)
 by_result = dict(zip(totals["result"], totals["count"], strict=True))
@@ -48,6 +48,6 @@ rejected = sum(v for k, v in by_result.items() if k.startswith("rejected"))
 health[0].metric("Accepted", f"{by_result.get('accepted', 0):,}")
 health[1].metric("Duplicates", f"{by_result.get('duplicate', 0):,}")
 health[2].metric("Rejected", f"{rejected:,}")
-health[3].metric("Pending messages", f"{pending['pending']:,}")
-if pending["pending"] > threshold:
-    st.warning(f"{pending['pending']:,} messages wait to be applied (warning above {threshold:,}); see Health.")
+health[3].metric("Pending messages", f"{pending:,}")
+if pending > threshold:
+    st.warning(f"{pending:,} messages wait to be applied (warning above {threshold:,}); see Health.")
