@@ -202,7 +202,8 @@ class Player:
                 return wamid
         return None
 
-    def body_for(self, messages: tuple[SimMessage, ...], encoding: str) -> bytes | None:
+    def body_for(self, messages: tuple[SimMessage, ...], encoding: str) -> tuple[bytes | None, int]:
+        """The signed-to-be body, with context ids resolved, and how many messages it carries."""
         resolved: dict[str, str | None] = {}
         kept = []
         for msg in messages:
@@ -214,8 +215,8 @@ class Player:
                     continue
             kept.append(msg)
         if not kept:
-            return None
-        return webhook_body(kept, encoding=encoding, resolve=lambda m: resolved.get(m.wamid))
+            return None, 0
+        return webhook_body(kept, encoding=encoding, resolve=lambda m: resolved.get(m.wamid)), len(kept)
 
     # -- the traffic
     def play(self, scenario: Scenario, *, speed: float) -> None:
@@ -244,12 +245,12 @@ class Player:
         self._send(post)
 
     def _send(self, post: Post) -> None:
-        body = self.body_for(post.messages, post.encoding)
+        body, count = self.body_for(post.messages, post.encoding)
         if body is None:
             return
         result = self.post(body)
         self.stats["posts"] += 1
-        self.stats["redeliveries_sent" if post.redelivery else "messages_sent"] += len(post.messages)
+        self.stats["redeliveries_sent" if post.redelivery else "messages_sent"] += count
         if result:
             self.stats["server_duplicates"] += int(result.get("duplicates", 0))
             self.stats["server_stored"] += int(result.get("stored", 0))
