@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import socket
+import threading
 from collections import Counter, defaultdict
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 
-from core.commands.simulate import Progress, _latest_wamid, parse_routes
+from core.commands.simulate import Player, Progress, _latest_wamid, parse_routes
 from core.errors import WaflowError
 from core.flows import default_flows_dir, load_flows
 from core.machine import SessionState, decide
@@ -257,3 +262,118 @@ def test_progress_bar_prints_every_tenth_off_a_terminal() -> None:
     lines = stream.getvalue().splitlines()
     assert len(lines) == 11
     assert lines[-1].startswith("[" + "#" * 30 + "] 100% 200/200 posts")
+
+
+# --------------------------------------------------------------------------- the HTTP player, against a fake server
+
+
+class _FakeMeta(ThreadingHTTPServer):
+    """Answers like waflow: /healthz, POST /webhook (503 the first `unavailable` times), the admin session view."""
+
+    def __init__(self, *, unavailable: int = 0, archived: bool = False, reject: bool = False) -> None:
+        super().__init__(("127.0.0.1", 0), _FakeHandler)
+        self.unavailable, self.archived, self.reject = unavailable, archived, reject
+        self.posts: list[tuple[bytes, str | None]] = []
+        self.admin_auth: list[str | None] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/webhook"
+
+
+class _FakeHandler(BaseHTTPRequestHandler):
+    server: _FakeMeta
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def _reply(self, status: int, body: object) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if self.path == "/healthz":
+            self._reply(200, {"status": "ok"})
+        else:
+            self.server.admin_auth.append(self.headers.get("Authorization"))
+            status = "archived" if self.server.archived else "active"
+            self._reply(200, {"flow": "lead_qualification", "status": status,
+                              "outbound": [{"text": "x", "wamid": "wamid.dryrun.1", "status": "sent"}]})
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        self.server.posts.append((body, self.headers.get("X-Hub-Signature-256")))
+        if self.server.unavailable > 0:
+            self.server.unavailable -= 1
+            self._reply(503, {"error": "database unavailable"})
+        elif self.server.reject:
+            self._reply(400, {"error": "invalid JSON"})
+        else:
+            self._reply(200, {"status": "ok", "stored": 1, "duplicates": 0})
+
+
+@pytest.fixture
+def fake_meta() -> Iterator[Callable[..., _FakeMeta]]:
+    servers: list[_FakeMeta] = []
+
+    def start(**kwargs: Any) -> _FakeMeta:
+        server = _FakeMeta(**kwargs)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def test_player_signs_every_post_and_retries_503(fake_meta: Callable[..., _FakeMeta]) -> None:
+    server = fake_meta(unavailable=2)
+    player = Player(server.url, "s3cret", progress=False)
+    player.wait_healthy(5)
+    small = generate(SimConfig(users=3, seed=2, end=END), FLOWS)
+    player.play(small, speed=0)
+    assert player.failures == []
+    assert player.stats["retries"] == 2
+    # Without the admin API a reaction cannot name its message: it is left out; each retry resends the same bytes.
+    reactions = sum(1 for p in small.posts for m in p.messages if m.label == "reaction")
+    assert player.stats["reactions_dropped"] == reactions
+    assert len(server.posts) == sum(1 for p in small.posts if any(m.label != "reaction" for m in p.messages)) + 2
+    assert server.posts[0][0] == server.posts[1][0] == server.posts[2][0]
+    for body, header in server.posts:
+        assert verify_signature(body, header, ["s3cret"])
+        parse_webhook(body)
+
+
+def test_player_reports_a_rejected_post_without_retrying(fake_meta: Callable[..., _FakeMeta]) -> None:
+    server = fake_meta(reject=True)
+    player = Player(server.url, "s3cret", progress=False)
+    player.post(b"{}")
+    assert len(server.posts) == 1
+    assert player.failures == ['HTTP 400: {"error": "invalid JSON"}']
+
+
+def test_player_greets_first_when_a_returning_users_session_was_archived(fake_meta: Callable[..., _FakeMeta],
+                                                                          scenario: Scenario) -> None:
+    gated = next(p for p in scenario.posts if p.gate == "return")
+    for archived, expected in ((True, [gated.prefix, *gated.messages]), (False, list(gated.messages))):
+        server = fake_meta(archived=archived)
+        player = Player(server.url, "s3cret", admin_token="t0ken", progress=False)
+        player.deliver(gated)
+        sent = [m.wamid for body, _ in server.posts for m in parse_webhook(body).messages]
+        assert sent == [m.wamid for m in expected if m is not None]
+        assert set(server.admin_auth) == {"Bearer t0ken"}
+
+
+def test_player_waits_for_healthz_then_gives_up(fake_meta: Callable[..., _FakeMeta]) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    player = Player(f"http://127.0.0.1:{port}/webhook", "s3cret", progress=False)
+    with pytest.raises(WaflowError, match="not healthy after 1s"):
+        player.wait_healthy(1)
