@@ -30,10 +30,11 @@ def register(sub: Any) -> None:
     add.add_argument("--param", action="append", default=[], help='template body parameter: "{key}" or a literal')
     add.add_argument("--max-sends", type=int, default=1)
     add.add_argument("--quiet", help="quiet hours HH:MM-HH:MM in --timezone, e.g. 21:00-08:00")
-    add.add_argument("--timezone", default="UTC")
+    add.add_argument("--timezone", help="IANA timezone of the quiet hours (default: QUIET_HOURS_TIMEZONE, UTC)")
     add.add_argument("--only-language", help="only sessions in this language")
     add.add_argument("--only-number", help="only sessions of this business phone_number_id")
-    add.add_argument("--recovery-window", default="48h", help="a user who advances within this is 'recovered'")
+    add.add_argument("--recovery-window", help="a user who advances within this after a follow-up is 'recovered' "
+                     "(default: RECOVERY_WINDOW_HOURS, 48h)")
     add.add_argument("--inactive", action="store_true", help="create paused")
     add.set_defaults(handler=cmd_add)
 
@@ -84,9 +85,13 @@ def cmd_add(args: argparse.Namespace) -> int:
     spec = api.build_spec(
         name=args.name, flow=args.flow, step=args.step, delay_seconds=_duration(args.after, "--after"),
         text=args.text, template_name=args.template, template_language=args.language, template_params=args.param,
-        max_sends=args.max_sends, quiet_start=quiet_start, quiet_end=quiet_end, timezone=args.timezone,
-        active=not args.inactive, filter_language=args.only_language, filter_phone_number_id=args.only_number,
-        recovery_window_seconds=_duration(args.recovery_window, "--recovery-window"),
+        max_sends=args.max_sends, quiet_start=quiet_start, quiet_end=quiet_end,
+        timezone=args.timezone or settings.quiet_hours_timezone, active=not args.inactive,
+        filter_language=args.only_language, filter_phone_number_id=args.only_number,
+        recovery_window_seconds=(
+            _duration(args.recovery_window, "--recovery-window") if args.recovery_window
+            else int(settings.recovery_window_hours * 3600)
+        ),
     )
     flows = load_flows(settings.flows_dir or default_flows_dir())
     campaign = api.create_campaign(db, spec, flows)
