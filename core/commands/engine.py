@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -40,16 +41,24 @@ def register(sub: Any) -> None:
     show.set_defaults(handler=cmd_sessions_show)
 
 
+def _quiet_alembic() -> None:
+    # Alembic logs two INFO lines each time it reads the schema version: an operator's error would then be
+    # three lines on stderr instead of one. Our commands print their own one-line outcome.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+
+
 def cmd_migrate(args: argparse.Namespace) -> int:
     if args.sql:
         sys.stdout.write(offline_sql())
         return 0
+    _quiet_alembic()
     _settings, db = open_database()
     print(f"schema at {', '.join(sorted(ensure_schema(db)))} on {db.safe_url}")
     return 0
 
 
 def cmd_process_pending(_args: argparse.Namespace) -> int:
+    _quiet_alembic()
     settings, db = open_database()
     applied = Engine(db, settings=settings).process_pending()
     print(f"applied {applied} pending message(s)")
@@ -57,6 +66,7 @@ def cmd_process_pending(_args: argparse.Namespace) -> int:
 
 
 def cmd_sessions_show(args: argparse.Namespace) -> int:
+    _quiet_alembic()
     _settings, db = open_database()
     view = session_view(db, args.phone_number_id, args.user_id)
     if view is None:
@@ -66,6 +76,7 @@ def cmd_sessions_show(args: argparse.Namespace) -> int:
 
 
 def cmd_replay(args: argparse.Namespace) -> int:
+    _quiet_alembic()
     settings = get_settings()
     target_url = args.target or settings.database_url
     if target_url == args.source:

@@ -8,7 +8,6 @@ from typing import Any
 import uvicorn
 
 from core.commands.common import open_database
-from core.webhook import create_app
 
 
 def register(sub: Any) -> None:
@@ -25,6 +24,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # Fail with one clear line before uvicorn starts, and migrate once rather than in every worker.
     settings, db = open_database()
     db.dispose()
+    from core.webhook import create_app  # imported here: the other commands need not load the web stack
+
     if args.workers > 1:
         uvicorn.run(
             "core.webhook:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
