@@ -108,7 +108,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=5000)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="processes applying messages for active users")
+    parser.add_argument("--archive-workers", type=int, default=2, help="connections archiving in parallel")
     parser.add_argument("--rate", type=float, default=40.0, help="messages per second per worker")
     parser.add_argument("--users", type=int, default=200, help="active users per worker")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of applying before the archive starts")
@@ -150,7 +151,7 @@ def run(url: str, args: argparse.Namespace) -> int:
     settings = Settings(database_url=url, archive_after_hours=24.0)
     archive_from = time.time()
     started = time.perf_counter()
-    result = run_archive(db, settings, datetime.now(UTC), batch_size=args.batch_size)
+    result = run_archive(db, settings, datetime.now(UTC), batch_size=args.batch_size, workers=args.archive_workers)
     archive_seconds = time.perf_counter() - started
     archive_to = time.time()
     time.sleep(1)
@@ -169,7 +170,8 @@ def run(url: str, args: argparse.Namespace) -> int:
     p99 = percentile(latencies, 0.99) * 1000
     ok = archive_seconds < 60 and p99 < 100 and left == 0 and result["archived"] == args.sessions
     print(f"archived        {result['archived']:,} sessions ({result['from_active']:,} active, "
-          f"{result['from_completed']:,} completed) in {result['batches']} batches of <= {args.batch_size}")
+          f"{result['from_completed']:,} completed) in {result['batches']} batches of <= {args.batch_size} "
+          f"on {args.archive_workers} connections")
     print(f"archive time    {archive_seconds:.1f} s ({result['archived'] / archive_seconds:,.0f} sessions/s)"
           f"   target < 60 s")
     print(f"left unarchived {left}   active sessions untouched: {active}")

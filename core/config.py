@@ -65,6 +65,8 @@ class Settings(BaseSettings):
     # Jobs: sweeper, follow-ups, singleton runs
     sweeper_pending_age_seconds: float = 30.0
     followups_batch_size: int = 200
+    # PostgreSQL: archive batches run on this many connections at once (they split the work via SKIP LOCKED).
+    archive_workers: int = 2
     # SQLite only (PostgreSQL uses advisory locks): an unfinished run older than this no longer blocks.
     job_lease_seconds: float = 900.0
 

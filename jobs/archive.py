@@ -12,6 +12,8 @@ is skipped (the next run gets it if it is still idle) and the webhook never wait
 
 from __future__ import annotations
 
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -25,29 +27,50 @@ ARCHIVABLE = ("active", "completed")
 
 
 def run_archive(
-    db: Database, settings: Settings, now: datetime, *, batch_size: int | None = None, max_batches: int | None = None
+    db: Database,
+    settings: Settings,
+    now: datetime,
+    *,
+    batch_size: int | None = None,
+    max_batches: int | None = None,
+    workers: int | None = None,
 ) -> dict[str, Any]:
+    """Archive every session idle since before now - archive_after_hours. `max_batches` bounds each worker."""
     cutoff = now - timedelta(hours=settings.archive_after_hours)
     size = batch_size or settings.archive_batch_size
-    archived = {status: 0 for status in ARCHIVABLE}
-    batches = 0
+    # PostgreSQL: parallel workers split the work through SKIP LOCKED; SQLite has one writer anyway.
+    parallel = 1 if db.is_sqlite else max(1, workers or settings.archive_workers)
+    counts: Counter[str] = Counter()
     for status in ARCHIVABLE:
-        cursor: datetime | None = None
-        while max_batches is None or batches < max_batches:
-            count, cursor = archive_batch(db, status, cutoff, now, size, after=cursor)
-            batches += 1
-            archived[status] += count
-            if count < size:
-                break
+        with ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="archive") as pool:
+            drains = [pool.submit(_drain, db, status, cutoff, now, size, max_batches) for _ in range(parallel)]
+            for drain in drains:
+                archived, batches = drain.result()
+                counts[status] += archived
+                counts["batches"] += batches
     never_messaged = archive_without_inbound(db, cutoff, now, size)
     return {
-        "archived": sum(archived.values()) + never_messaged,
-        "from_active": archived["active"],
-        "from_completed": archived["completed"],
+        "archived": counts["active"] + counts["completed"] + never_messaged,
+        "from_active": counts["active"],
+        "from_completed": counts["completed"],
         "without_inbound": never_messaged,
-        "batches": batches,
+        "batches": counts["batches"],
         "cutoff": cutoff.isoformat(),
     }
+
+
+def _drain(
+    db: Database, status: str, cutoff: datetime, now: datetime, size: int, max_batches: int | None
+) -> tuple[int, int]:
+    archived = batches = 0
+    cursor: datetime | None = None
+    while max_batches is None or batches < max_batches:
+        count, cursor = archive_batch(db, status, cutoff, now, size, after=cursor)
+        batches += 1
+        archived += count
+        if count < size:  # nothing left, or what is left is locked (by a webhook or another worker)
+            break
+    return archived, batches
 
 
 def archive_batch(
