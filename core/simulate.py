@@ -632,8 +632,8 @@ def plan_statuses(seed: int, user_id: str, outbound: Sequence[Mapping[str, Any]]
                   transitions: Sequence[Mapping[str, Any]], end: int) -> list[dict[str, Any]]:
     """Meta's status callbacks for one user's sent messages (admin API `outbound` / `transitions` shapes).
 
-    Most messages go sent → delivered → read; some stop at delivered; a few fail: 131047 for a follow-up
-    sent outside the 24 h window, 131026 (undeliverable) now and then. Within a batch the order is
+    Most messages go sent → delivered → read; some stop at delivered; a few fail: 131047 for a free-form
+    follow-up that went out after the 24 h window closed, 131026 (undeliverable) now and then. Within a batch the order is
     sometimes shuffled, as Meta's is.
     """
     rng = random.Random(f"{seed}:{user_id}:statuses")
@@ -646,9 +646,10 @@ def plan_statuses(seed: int, user_id: str, outbound: Sequence[Mapping[str, Any]]
         base = times[min(index, len(times) - 1)] if times else end - HOUR
         sent = min(end, base + rng.randint(1, 3))
         roll = rng.random()
-        if (item.get("campaign") and roll < 0.3) or roll < 0.025:
-            code = 131047 if item.get("campaign") else 131026
-            out.append(_status(wamid, "failed", sent, user_id, code))
+        # A free-form follow-up can find the 24 h window closed by the time it goes out; templates cannot.
+        late_freeform = bool(item.get("campaign")) and item.get("kind") != "template"
+        if (late_freeform and roll < 0.3) or roll < 0.025:
+            out.append(_status(wamid, "failed", sent, user_id, 131047 if late_freeform else 131026))
             continue
         out.append(_status(wamid, "sent", sent, user_id))
         delivered = min(end, sent + rng.randint(1, 40))

@@ -57,6 +57,7 @@ export SENDER_INTERVAL_SECONDS=${SENDER_INTERVAL_SECONDS:-1}
 # Dry-run sends go nowhere: no need to space one user's messages out as Meta's per-user pair rate requires.
 export SEND_USER_SPACING_SECONDS=${SEND_USER_SPACING_SECONDS:-0}
 export ARCHIVE_INTERVAL_SECONDS=${ARCHIVE_INTERVAL_SECONDS:-10}
+export FOLLOWUPS_INTERVAL_SECONDS=${FOLLOWUPS_INTERVAL_SECONDS:-5}
 export PYTHONUNBUFFERED=1
 
 port_free() {
@@ -74,7 +75,20 @@ port_free "$PORT" || die "port $PORT is in use: set WAFLOW_PORT to a free port"
 port_free "$DASH_PORT" || die "port $DASH_PORT is in use: set DASHBOARD_PORT to a free port"
 
 say "migrating ${DATABASE_URL:-sqlite:///./data/waflow.db}"
-"$PY" -m core migrate
+core() { "$PY" -m core --log-level WARNING "$@"; }
+core migrate
+
+# Two demo follow-up campaigns, so the simulated users who stall get nudged and the campaigns page has results.
+# Free text inside the 24 h window, the (dry-run) template outside it.
+if ! core campaigns list 2>/dev/null | grep -q "demo-email-nudge"; then
+  say "adding demo campaigns demo-email-nudge and demo-booking-nudge"
+  core campaigns add --name demo-email-nudge --flow lead_qualification --step ask_email --after 2h \
+    --text "Still there, {name}? Reply with your email and we'll send you the details." \
+    --template lead_email_reminder --language en_US --param "{name}" --max-sends 1 >/dev/null
+  core campaigns add --name demo-booking-nudge --flow service_booking --step choose_date --after 1h \
+    --text "Your {service} is almost booked: pick a day and you're done." \
+    --template booking_reminder --language en_US --param "{service}" --max-sends 1 >/dev/null
+fi
 
 pids=()
 names=()

@@ -217,8 +217,8 @@ def test_meta_encoding_is_ascii_escaped_and_signs_like_meta(scenario: Scenario) 
 
 
 def test_statuses_monotonic_plans_with_failures() -> None:
-    outbound = [{"wamid": f"wamid.dryrun.{i}", "status": "sent", "campaign": "nudge" if i % 3 == 0 else None}
-                for i in range(300)]
+    outbound = [{"wamid": f"wamid.dryrun.{i}", "status": "sent", "campaign": "nudge" if i % 3 == 0 else None,
+                 "kind": "template" if i % 6 == 0 else "text"} for i in range(300)]
     outbound.append({"wamid": None, "status": "queued", "campaign": None})
     transitions = [{"at": "2025-12-31T10:00:00+00:00"}]
     statuses = plan_statuses(5, "14155550101", outbound, transitions, END)
@@ -234,6 +234,8 @@ def test_statuses_monotonic_plans_with_failures() -> None:
     assert codes[131047] > 0
     assert codes[131026] > 0
     assert all(by_wamid[s["id"]] == {"failed"} for s in failed)
+    templates = {o["wamid"] for o in outbound if o.get("kind") == "template"}
+    assert not any(s["id"] in templates for s in failed if s["errors"][0]["code"] == 131047)
     assert sum(1 for v in by_wamid.values() if "read" in v) > 150
     parsed = parse_webhook(status_body("100000000000111", statuses[:100]))
     assert len(parsed.statuses) == 100
