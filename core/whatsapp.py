@@ -159,11 +159,11 @@ def parse_response(response: requests.Response) -> SendResult:
         document = response.json()
     except ValueError:
         document = None
-    if response.ok and isinstance(document, dict):
-        messages = document.get("messages")
+    if response.ok:
+        messages = document.get("messages") if isinstance(document, dict) else None
         if isinstance(messages, list) and messages and isinstance(messages[0], dict) and messages[0].get("id"):
             return SendResult(wamid=str(messages[0]["id"]), http_status=response.status_code)
-        # 200 without a wamid: Meta accepted something we cannot correlate; do not send it again.
+        # 2xx without a wamid: Meta may have accepted it; we cannot correlate it, and must not send it again.
         return SendResult(
             error_class=ErrorClass.UNCERTAIN, error_title="answer without messages[0].id",
             http_status=response.status_code,

@@ -329,3 +329,14 @@ def test_pause_rows_survive_in_table(db: Database) -> None:
     assert resume_sending(db, PHONE) is False
     with db.session() as s:
         assert s.get(ChatSession, (PHONE, "nobody")) is None
+
+
+def test_a_2xx_without_a_wamid_is_uncertain(graph: g.GraphServer) -> None:
+    graph.script(g.Answer(status=200, body={"messaging_product": "whatsapp"}), g.Answer(status=200, body=None))
+    client = GraphClient(graph.url, TOKEN)
+    first = client.send(PHONE, "u1", {"type": "text", "text": {"body": "x"}}, 1)
+    second = client.send(PHONE, "u1", {"type": "text", "text": {"body": "x"}}, 2)
+    client.close()
+    assert first.error_class is ErrorClass.UNCERTAIN
+    assert second.ok
+    assert second.wamid == graph.requests[1].wamid
