@@ -131,6 +131,16 @@ def test_once_runs_one_job_and_exits(sqlite_url: str, flows_dir: Path, registry:
     db.dispose()
 
 
+def test_unreachable_database_is_one_clear_line(flows_dir: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "jobs", "--once", "archive"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        env=_env("postgresql://nobody@127.0.0.1:1/none", flows_dir),
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()]
+    assert done.stderr.startswith("error: database unreachable")
+
+
 def _wait_for(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
