@@ -80,7 +80,7 @@ core migrate
 
 # Two demo follow-up campaigns, so the simulated users who stall get nudged and the campaigns page has results.
 # Free text inside the 24 h window, the (dry-run) template outside it.
-if ! core campaigns list 2>/dev/null | grep -q "demo-email-nudge"; then
+if [ "$USERS" -gt 0 ] && ! core campaigns list 2>/dev/null | grep -q "demo-email-nudge"; then
   say "adding demo campaigns demo-email-nudge and demo-booking-nudge"
   core campaigns add --name demo-email-nudge --flow lead_qualification --step ask_email --after 2h \
     --text "Still there, {name}? Reply with your email and we'll send you the details." \
