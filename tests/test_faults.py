@@ -205,7 +205,9 @@ def _start_postgres() -> None:
         assert _postgres_accepts_connections(60), "PostgreSQL did not come back"
 
 
-def test_database_outage_answers_only_503_and_loses_nothing(fault_db: str, flows_dir: Path, tmp_path: Path) -> None:
+def test_database_outage_answers_only_503_and_loses_nothing(
+    fault_db: str, flows_dir: Path, tmp_path: Path, pg_server: PgServer
+) -> None:
     if not Path("/etc/postgresql").is_dir():
         pytest.skip("no local PostgreSQL cluster to stop")
     env = server_env(fault_db, flows_dir)
@@ -224,6 +226,7 @@ def test_database_outage_answers_only_503_and_loses_nothing(fault_db: str, flows
             outage.append(server.get("/healthz", timeout=10).status_code)
         finally:
             _start_postgres()
+            pg_server.admin.dispose()  # the suite's own pooled connections died with the server
         time.sleep(1.0)
         burst.finish()
         assert len(burst.outcomes) > before + 10, "the burst stalled during the outage"
@@ -239,5 +242,6 @@ def test_database_outage_answers_only_503_and_loses_nothing(fault_db: str, flows
         burst.stop.set()
         if not _postgres_accepts_connections(1):
             _start_postgres()
+            pg_server.admin.dispose()
         server.stop()
         db.dispose()
