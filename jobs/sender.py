@@ -79,6 +79,16 @@ class RateLimiter:
         return delay
 
 
+_limiters: dict[float, RateLimiter] = {}
+_limiters_lock = threading.Lock()
+
+
+def shared_limiter(rate: float) -> RateLimiter:
+    """One limiter per process and rate, so the per-number rate also holds from one run to the next."""
+    with _limiters_lock:
+        return _limiters.setdefault(rate, RateLimiter(rate))
+
+
 def make_client(settings: Settings) -> GraphClient:
     return GraphClient(
         settings.graph_api_url,
@@ -192,7 +202,7 @@ class _Run:
         self.owner = owner
         self.clock = clock
         self.client = client
-        self.limiter = RateLimiter(settings.send_rate_per_second)
+        self.limiter = shared_limiter(settings.send_rate_per_second)
         self.paused: set[str] = set()
         self._lock = threading.Lock()
 

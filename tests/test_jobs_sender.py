@@ -340,3 +340,13 @@ def test_a_2xx_without_a_wamid_is_uncertain(graph: g.GraphServer) -> None:
     assert first.error_class is ErrorClass.UNCERTAIN
     assert second.ok
     assert second.wamid == graph.requests[1].wamid
+
+
+def test_the_rate_holds_from_one_run_to_the_next(live_engine: Engine, db: Database, live: Settings,
+                                                  graph: g.GraphServer) -> None:
+    greet(live_engine, "first", "second")
+    settings = live.model_copy(update={"send_rate_per_second": 2.5, "send_batch_size": 1})
+    assert run_sender(db, settings, now(), max_batches=1) == {"sent": 1}
+    assert run_sender(db, settings, now(), max_batches=1) == {"sent": 1}
+    first, second = graph.requests
+    assert second.at - first.at >= 0.38
