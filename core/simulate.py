@@ -468,6 +468,9 @@ class _Generator:
     def __init__(self, config: SimConfig, flows: Mapping[str, Flow]) -> None:
         self.config, self.flows = config, flows
         self.rng = random.Random(config.seed)
+        # Start times draw from their own generator: how many draws they take depends on `end` (the hour of
+        # day), and the rest of the script (users, answers, wamids) must not, so a re-run is deduplicated.
+        self.clock = random.Random(f"{config.seed}:clock")
         self._counter = 0
         self._users: set[str] = set()
 
@@ -482,9 +485,9 @@ class _Generator:
     def start_time(self) -> int:
         span = int(self.config.days * DAY)
         while True:
-            t = self.config.end - span + self.rng.randrange(span)
+            t = self.config.end - span + self.clock.randrange(span)
             hour = (t % DAY) // HOUR
-            if t < self.config.end - 30 * 60 and self.rng.random() < HOUR_WEIGHTS[hour] / max(HOUR_WEIGHTS):
+            if t < self.config.end - 30 * 60 and self.clock.random() < HOUR_WEIGHTS[hour] / max(HOUR_WEIGHTS):
                 return t
 
     def user(self) -> UserPlan:
@@ -633,8 +636,8 @@ def plan_statuses(seed: int, user_id: str, outbound: Sequence[Mapping[str, Any]]
     """Meta's status callbacks for one user's sent messages (admin API `outbound` / `transitions` shapes).
 
     Most messages go sent → delivered → read; some stop at delivered; a few fail: 131047 for a free-form
-    follow-up that went out after the 24 h window closed, 131026 (undeliverable) now and then. Within a batch the order is
-    sometimes shuffled, as Meta's is.
+    follow-up that went out after the 24 h window closed, 131026 (undeliverable) now and then. Within a batch
+    the order is sometimes shuffled, as Meta's is.
     """
     rng = random.Random(f"{seed}:{user_id}:statuses")
     times = [_epoch(t.get("at")) for t in transitions]
