@@ -197,3 +197,17 @@ def test_ctrl_c_stops_every_process(start_demo: StartDemo) -> None:
     assert "stopping webhook jobs dashboard" in demo.output
     assert demo.proc.returncode == 130
     _assert_everything_stopped(demo)
+
+
+def test_a_busy_port_is_refused_with_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
+        env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}", WAFLOW_PORT=str(port),
+                   DASHBOARD_PORT=str(_free_port()), WAFLOW_LOG_DIR=str(tmp_path / "logs"))
+        result = subprocess.run(["bash", str(RUN)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == f"run.sh: port {port} is in use: set WAFLOW_PORT to a free port"
+    assert not (tmp_path / "w.db").exists(), "nothing is started or migrated"
