@@ -170,7 +170,17 @@ cat <<EOF
 
 EOF
 
+all_alive() {
+  for i in "${!pids[@]}"; do
+    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
+      tail -n 20 "$LOG_DIR/${names[$i]}.log" >&2
+      die "${names[$i]} stopped unexpectedly; log: $LOG_DIR/${names[$i]}.log"
+    fi
+  done
+}
+
 if [ "$EXIT_AFTER_SEED" = 1 ]; then
+  all_alive
   wait_http dashboard "http://$HOST:$DASH_PORT/" 30
   say "dashboard answered; WAFLOW_EXIT_AFTER_SEED=1: stopping"
   exit 0
@@ -178,11 +188,6 @@ fi
 
 say "press Ctrl-C to stop"
 while true; do
-  for i in "${!pids[@]}"; do
-    if ! kill -0 "${pids[$i]}" 2>/dev/null; then
-      tail -n 20 "$LOG_DIR/${names[$i]}.log" >&2
-      die "${names[$i]} stopped unexpectedly; log: $LOG_DIR/${names[$i]}.log"
-    fi
-  done
+  all_alive
   sleep 1
 done
