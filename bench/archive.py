@@ -109,7 +109,7 @@ def main() -> int:
     parser.add_argument("--sessions", type=int, default=1_000_000)
     parser.add_argument("--batch-size", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=2, help="processes applying messages for active users")
-    parser.add_argument("--archive-workers", type=int, default=2, help="connections archiving in parallel")
+    parser.add_argument("--archive-workers", type=int, default=4, help="connections archiving in parallel")
     parser.add_argument("--rate", type=float, default=40.0, help="messages per second per worker")
     parser.add_argument("--users", type=int, default=200, help="active users per worker")
     parser.add_argument("--warmup", type=float, default=10.0, help="seconds of applying before the archive starts")
