@@ -1,7 +1,7 @@
 """Webhook benchmark: a real `python -m core serve` on PostgreSQL, loaded over loopback by another process.
 
     .venv/bin/python bench/webhook.py [--rate 300] [--duration 10] [--max-seconds 10] [--workers 1]
-                                      [--connections 16] [--users 2000]
+                                      [--apply-threads 4] [--connections 16] [--users 2000]
 
 The bench creates its own PostgreSQL database on the server of BENCH_DATABASE_URL / TEST_DATABASE_URL
 (default postgresql+psycopg://postgres@127.0.0.1:5432/test), starts the server on a free loopback port,
@@ -113,7 +113,8 @@ def make_requests(count: int, users: int, run: str, rng: random.Random) -> list[
 # ---------------------------------------------------------------------------------------------- load
 
 
-def _worker(port: int, jobs: list[tuple[float, bytes | None]], t0: float, threads: int, results: Any) -> None:
+def _worker(index: int, port: int, jobs: list[tuple[float, bytes | None]], t0: float, threads: int,
+            results: Any) -> None:
     """One load process: `threads` keep-alive connections; job = (scheduled offset or -1, body or None=GET)."""
     lock = threading.Lock()
     cursor = [0]
@@ -151,7 +152,7 @@ def _worker(port: int, jobs: list[tuple[float, bytes | None]], t0: float, thread
         t.start()
     for t in pool:
         t.join()
-    results.put(records)
+    results.put((index, records))
 
 
 def _request(conn: http.client.HTTPConnection, body: bytes | None) -> int:
@@ -176,12 +177,12 @@ def drive(port: int, jobs: list[tuple[float, bytes | None]], processes: int, thr
     t0 = time.perf_counter() + 1.5  # let the processes start before the first scheduled send
     parts = [jobs[p::processes] for p in range(processes)]
     # Scheduled offsets stay global, so the union of the parts is the planned rate.
-    procs = [ctx.Process(target=_worker, args=(port, part, t0, threads, results)) for part in parts]
+    procs = [ctx.Process(target=_worker, args=(p, port, part, t0, threads, results)) for p, part in enumerate(parts)]
     for p in procs:
         p.start()
     records: list[tuple[int, float, float, int]] = []
-    for p_index in range(processes):
-        part_records = results.get(timeout=(deadline_s or 0) + 120)
+    for _ in range(processes):
+        p_index, part_records = results.get(timeout=(deadline_s or 0) + 120)
         records += [(i * processes + p_index, lat, off, st) for i, lat, off, st in part_records]
     for p in procs:
         p.join(10)
@@ -196,12 +197,14 @@ def closed_loop(bodies: list[bytes | None], seconds: float, port: int, processes
     results = ctx.Queue()
     stop_at = time.perf_counter() + 1.5 + seconds
     parts = [bodies[p::processes] for p in range(processes)]
-    procs = [ctx.Process(target=_closed_worker, args=(port, part, stop_at, threads, results)) for part in parts]
+    procs = [ctx.Process(target=_closed_worker, args=(p, port, part, stop_at, threads, results))
+             for p, part in enumerate(parts)]
     for p in procs:
         p.start()
     records: list[tuple[int, float, float, int]] = []
-    for p_index in range(processes):
-        records += [(i * processes + p_index, *rest) for i, *rest in results.get(timeout=seconds + 120)]
+    for _ in range(processes):
+        p_index, part_records = results.get(timeout=seconds + 120)
+        records += [(i * processes + p_index, lat, off, st) for i, lat, off, st in part_records]
     for p in procs:
         p.join(10)
     first = min(off for _, _, off, _ in records) if records else 0.0
@@ -209,7 +212,8 @@ def closed_loop(bodies: list[bytes | None], seconds: float, port: int, processes
     return records, last - first, len(records)
 
 
-def _closed_worker(port: int, bodies: list[bytes | None], stop_at: float, threads: int, results: Any) -> None:
+def _closed_worker(index: int, port: int, bodies: list[bytes | None], stop_at: float, threads: int,
+                   results: Any) -> None:
     lock = threading.Lock()
     cursor = [0]
     records: list[tuple[int, float, float, int]] = []
@@ -236,7 +240,7 @@ def _closed_worker(port: int, bodies: list[bytes | None], stop_at: float, thread
         t.start()
     for t in pool:
         t.join()
-    results.put(records)
+    results.put((index, records))
 
 
 # ---------------------------------------------------------------------------------------------- server & db
@@ -248,9 +252,9 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(url: str, port: int, workers: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_server(url: str, port: int, workers: int, apply_threads: int, log_path: Path) -> subprocess.Popen[bytes]:
     env = dict(os.environ, DATABASE_URL=url, WHATSAPP_APP_SECRET=SECRET, WHATSAPP_VERIFY_TOKEN="bench",
-               ADMIN_TOKEN="bench-admin", PENDING_SWEEP_INTERVAL_SECONDS="2")
+               ADMIN_TOKEN="bench-admin", PENDING_SWEEP_INTERVAL_SECONDS="2", APPLY_THREADS=str(apply_threads))
     args = [sys.executable, "-m", "core", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if workers > 1:
         args += ["--workers", str(workers)]
@@ -325,6 +329,7 @@ def main() -> None:  # noqa: C901 - a linear script: phases one after the other
     parser.add_argument("--max-seconds", type=float, default=10.0, help="seconds of each as-fast-as-possible phase")
     parser.add_argument("--max-requests", type=int, default=20000, help="request cap of each max phase")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the server")
+    parser.add_argument("--apply-threads", type=int, default=4, help="APPLY_THREADS of each server process")
     parser.add_argument("--connections", type=int, default=16, help="keep-alive connections of the generator")
     parser.add_argument("--load-processes", type=int, default=2)
     parser.add_argument("--users", type=int, default=2000)
@@ -345,8 +350,9 @@ def main() -> None:  # noqa: C901 - a linear script: phases one after the other
     threads = max(1, args.connections // args.load_processes)
     rng = random.Random(args.seed)
     try:
-        server = start_server(url, port, args.workers, log_path)
-        print(f"server: python -m core serve --workers {args.workers} on 127.0.0.1:{port}, database {name}; "
+        server = start_server(url, port, args.workers, args.apply_threads, log_path)
+        print(f"server: python -m core serve --workers {args.workers} (APPLY_THREADS={args.apply_threads}) on "
+              f"127.0.0.1:{port}, database {name}; "
               f"load: {args.load_processes} processes x {threads} keep-alive connections; cpus: {os.cpu_count()}")
 
         # 1. ceiling

@@ -27,6 +27,9 @@ class ApplyWorker:
     def __init__(self, engine: Engine, threads: int = 2) -> None:
         self.engine = engine
         self.queue: queue.Queue[SessionKey | None] = queue.Queue()
+        # Keys waiting in the queue: a user's burst queues one apply, not one per POST.
+        self.queued: set[SessionKey] = set()
+        self.lock = threading.Lock()
         self.threads = [threading.Thread(target=self._run, name=f"apply-{i}", daemon=True) for i in range(threads)]
 
     def start(self) -> None:
@@ -34,7 +37,10 @@ class ApplyWorker:
             thread.start()
 
     def submit(self, keys: list[SessionKey]) -> None:
-        for key in keys:
+        with self.lock:
+            fresh = [key for key in keys if key not in self.queued]
+            self.queued.update(fresh)
+        for key in fresh:
             self.queue.put(key)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -48,6 +54,10 @@ class ApplyWorker:
             key = self.queue.get()
             if key is None:
                 return
+            # Forget the key before applying: a message stored from now on queues the user again, and one
+            # stored before was committed before this apply reads the pending messages.
+            with self.lock:
+                self.queued.discard(key)
             try:
                 self.engine.apply_all(key)
             except WaflowError as e:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from core.models import Outbox
 from core.payloads import MAX_BODY_BYTES
 from core.signature import sign
 from core.webhook import create_app
+from core.worker import ApplyWorker
 from tests.conftest import make_settings
 
 DATA = Path(__file__).parent / "data" / "webhook"
@@ -1047,3 +1049,41 @@ def test_wrongly_signed_bodies_are_401_and_store_nothing(hook: Hook, body: bytes
     assert hook.post(body, secret=secret).status_code == 401
     assert hook.counts() == before
 
+
+
+# ---------------------------------------------------------------------------------------------- worker
+
+
+class _RecordingEngine:
+    def __init__(self) -> None:
+        self.applied: list[tuple[str, str]] = []
+        self.release = threading.Event()
+
+    def apply_all(self, key: tuple[str, str]) -> int:
+        self.release.wait(5)
+        self.applied.append(key)
+        return 1
+
+
+def test_apply_worker_coalesces_a_users_queued_keys() -> None:
+    engine = _RecordingEngine()
+    worker = ApplyWorker(engine, threads=1)  # type: ignore[arg-type]
+    a, b = (PN, "1"), (PN, "2")
+    for _ in range(5):
+        worker.submit([a, b])  # a burst of POSTs from two users before the worker gets to them
+    worker.start()
+    engine.release.set()
+    worker.stop()
+    assert engine.applied == [a, b]
+    # Once taken off the queue, a key is queued again by the next message (never lost).
+    engine2 = _RecordingEngine()
+    engine2.release.set()
+    worker2 = ApplyWorker(engine2, threads=1)  # type: ignore[arg-type]
+    worker2.start()
+    worker2.submit([a])
+    deadline = time.monotonic() + 5
+    while not engine2.applied and time.monotonic() < deadline:
+        time.sleep(0.01)
+    worker2.submit([a])
+    worker2.stop()
+    assert engine2.applied == [a, a]
