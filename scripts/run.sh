@@ -79,15 +79,28 @@ core() { "$PY" -m core --log-level WARNING "$@"; }
 core migrate
 
 # Two demo follow-up campaigns, so the simulated users who stall get nudged and the campaigns page has results.
-# Free text inside the 24 h window, the (dry-run) template outside it.
-if [ "$USERS" -gt 0 ] && ! core campaigns list 2>/dev/null | grep -q "demo-email-nudge"; then
+# Free text inside the 24 h window, the (dry-run) template outside it. Created while the servers start.
+add_campaign() {  # name, options...: create it unless a campaign of that name exists
+  local out
+  if ! out=$(core campaigns add --name "$@" 2>&1); then
+    case "$out" in
+      *"already exists"*) ;;
+      *) printf '%s\n' "$out" >&2; return 1 ;;
+    esac
+  fi
+}
+campaigns_pid=
+if [ "$USERS" -gt 0 ]; then
   say "adding demo campaigns demo-email-nudge and demo-booking-nudge"
-  core campaigns add --name demo-email-nudge --flow lead_qualification --step ask_email --after 2h \
-    --text "Still there, {name}? Reply with your email and we'll send you the details." \
-    --template lead_email_reminder --language en_US --param "{name}" --max-sends 1 >/dev/null
-  core campaigns add --name demo-booking-nudge --flow service_booking --step choose_date --after 1h \
-    --text "Your {service} is almost booked: pick a day and you're done." \
-    --template booking_reminder --language en_US --param "{service}" --max-sends 1 >/dev/null
+  {
+    add_campaign demo-email-nudge --flow lead_qualification --step ask_email --after 2h \
+      --text "Still there, {name}? Reply with your email and we'll send you the details." \
+      --template lead_email_reminder --language en_US --param "{name}" --max-sends 1
+    add_campaign demo-booking-nudge --flow service_booking --step choose_date --after 1h \
+      --text "Your {service} is almost booked: pick a day and you're done." \
+      --template booking_reminder --language en_US --param "{service}" --max-sends 1
+  } &
+  campaigns_pid=$!
 fi
 
 pids=()
@@ -150,6 +163,9 @@ start dashboard "$PY" -m streamlit run streamlit_app.py --server.headless true -
   --server.port "$DASH_PORT" --browser.gatherUsageStats false
 wait_http dashboard "http://$HOST:$DASH_PORT/_stcore/health" 90
 
+if [ -n "$campaigns_pid" ]; then
+  wait "$campaigns_pid" || die "could not add the demo campaigns"
+fi
 if [ "$USERS" -gt 0 ]; then
   say "sending a simulated ${DAYS}-day week of $USERS users through http://$HOST:$PORT/webhook"
   "$PY" -m core simulate --url "http://$HOST:$PORT/webhook" --users "$USERS" --days "$DAYS" --seed "$SEED" \
