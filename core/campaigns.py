@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -205,7 +205,7 @@ def update_campaign(db: Database, campaign_id: int, flows: FlowRegistry | None =
             assert row is not None
             for name, value in spec.model_dump().items():
                 setattr(row, name, value)
-            row.updated_at = datetime.now(row.created_at.tzinfo)
+            row.updated_at = datetime.now(UTC)
             s.flush()
             return row
     except IntegrityError as e:
