@@ -289,7 +289,7 @@ def test_rate_limiter_spaces_calls_per_key() -> None:
     for _ in range(4):
         limiter.wait("a")
     limiter.wait("b")  # another number is not slowed down by "a"
-    assert 0.29 <= time.monotonic() - started < 0.6
+    assert 0.29 <= time.monotonic() - started < 1.5
 
 
 @pytest.mark.parametrize(
