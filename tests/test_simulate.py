@@ -282,9 +282,12 @@ def test_progress_bar_prints_every_tenth_off_a_terminal() -> None:
 class _FakeMeta(ThreadingHTTPServer):
     """Answers like waflow: /healthz, POST /webhook (503 the first `unavailable` times), the admin session view."""
 
-    def __init__(self, *, unavailable: int = 0, archived: bool = False, reject: bool = False) -> None:
+    def __init__(self, *, unavailable: int = 0, archived: bool = False, reject: bool = False,
+                 prompt: str = "x", sent_after: int = 0) -> None:
         super().__init__(("127.0.0.1", 0), _FakeHandler)
         self.unavailable, self.archived, self.reject = unavailable, archived, reject
+        # The admin view lists `prompt` as sent (with a wamid) from the `sent_after`-th GET on.
+        self.prompt, self.sent_after = prompt, sent_after
         self.posts: list[tuple[bytes, str | None]] = []
         self.admin_auth: list[str | None] = []
 
@@ -313,8 +316,10 @@ class _FakeHandler(BaseHTTPRequestHandler):
         else:
             self.server.admin_auth.append(self.headers.get("Authorization"))
             status = "archived" if self.server.archived else "active"
-            self._reply(200, {"flow": "lead_qualification", "status": status,
-                              "outbound": [{"text": "x", "wamid": "wamid.dryrun.1", "status": "sent"}]})
+            sent = len(self.server.admin_auth) > self.server.sent_after
+            outbound = {"text": self.server.prompt, "wamid": "wamid.dryrun.1" if sent else None,
+                        "status": "sent" if sent else "queued"}
+            self._reply(200, {"flow": "lead_qualification", "status": status, "outbound": [outbound]})
 
     def do_POST(self) -> None:  # noqa: N802
         body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -389,3 +394,17 @@ def test_player_waits_for_healthz_then_gives_up(fake_meta: Callable[..., _FakeMe
     player = Player(f"http://127.0.0.1:{port}/webhook", "s3cret", progress=False)
     with pytest.raises(WaflowError, match="not healthy after 1s"):
         player.wait_healthy(1)
+
+
+def test_player_gives_a_tap_on_an_old_button_a_moment_to_find_its_prompt(fake_meta: Callable[..., _FakeMeta],
+                                                                          scenario: Scenario) -> None:
+    tap = next(m for p in scenario.posts for m in p.messages if m.label == "stale_tap")
+    assert tap.context_text is not None
+    server = fake_meta(prompt=tap.context_text, sent_after=3)
+    player = Player(server.url, "s3cret", admin_token="t0ken", progress=False)
+    assert player.resolve(tap) is None  # an ordinary reply does not wait for the sender
+    body, count = player.body_for((tap,), "meta")
+    assert count == 1
+    assert body is not None
+    assert parse_webhook(body).messages[0].context_id == "wamid.dryrun.1"
+    assert player.stats["stale_taps_with_context"] == 1

@@ -38,6 +38,7 @@ from core.simulate import (
 
 RETRIES = 8
 CONTEXT_REFRESH_SECONDS = 0.3
+STALE_TAP_PATIENCE = 2.0
 STATUS_CHUNK = 100
 
 
@@ -193,14 +194,20 @@ class Player:
         return view
 
     # -- context ids
-    def resolve(self, msg: SimMessage) -> str | None:
-        """The wamid the sender gave the prompt this message replies to, if it has been sent yet."""
-        for max_age in (float("inf"), CONTEXT_REFRESH_SECONDS):
+    def resolve(self, msg: SimMessage, *, patience: float = 0.0) -> str | None:
+        """The wamid the sender gave the prompt this message replies to, if it has been sent (within `patience`)."""
+        deadline = time.monotonic() + patience
+        max_age = float("inf")
+        while True:
             view = self.session_view(msg.phone_number_id, msg.user_id, max_age=max_age)
             wamid = _latest_wamid(view, msg.context_text)
-            if wamid:
+            if wamid or not self.admin_token:
                 return wamid
-        return None
+            if max_age == CONTEXT_REFRESH_SECONDS and time.monotonic() >= deadline:
+                return None
+            if max_age == CONTEXT_REFRESH_SECONDS:
+                time.sleep(CONTEXT_REFRESH_SECONDS)
+            max_age = CONTEXT_REFRESH_SECONDS
 
     def body_for(self, messages: tuple[SimMessage, ...], encoding: str) -> tuple[bytes | None, int]:
         """The signed-to-be body, with context ids resolved, and how many messages it carries."""
@@ -208,8 +215,12 @@ class Player:
         kept = []
         for msg in messages:
             if msg.context_text is not None:
-                resolved[msg.wamid] = self.resolve(msg)
+                # A tap on an old button is the point of the exercise: give the sender a moment to send that prompt.
+                patience = STALE_TAP_PATIENCE if msg.label == "stale_tap" else 0.0
+                resolved[msg.wamid] = self.resolve(msg, patience=patience)
                 self.stats["context_resolved" if resolved[msg.wamid] else "context_unresolved"] += 1
+                if msg.label == "stale_tap":
+                    self.stats["stale_taps_with_context" if resolved[msg.wamid] else "stale_taps_without"] += 1
                 if msg.label == "reaction" and not resolved[msg.wamid]:
                     self.stats["reactions_dropped"] += 1  # a reaction needs the id of the message it is on
                     continue
@@ -315,7 +326,8 @@ class Player:
             f"{counts['batched_posts']} multi-user batches, {s['retries']} retries",
             f"  replies carrying context.id: {s['context_resolved']} of "
             f"{s['context_resolved'] + s['context_unresolved']} "
-            "(the others answered before the sender sent the prompt)",
+            "(the others answered before the sender sent the prompt); taps on old buttons with context.id: "
+            f"{s['stale_taps_with_context']} of {s['stale_taps_with_context'] + s['stale_taps_without']}",
         ]
         if s["statuses"] or s["outbound_unsent"]:
             lines.append(f"  delivery statuses sent: {s['statuses']} ({s['statuses_failed']} failed); "
