@@ -408,3 +408,15 @@ def test_player_gives_a_tap_on_an_old_button_a_moment_to_find_its_prompt(fake_me
     assert body is not None
     assert parse_webhook(body).messages[0].context_id == "wamid.dryrun.1"
     assert player.stats["stale_taps_with_context"] == 1
+
+
+def test_a_wrong_admin_token_stops_the_player_with_one_line(fake_meta: Callable[..., _FakeMeta]) -> None:
+    class _Refusing(_FakeHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self._reply(401, {"error": "admin API needs Authorization: Bearer $ADMIN_TOKEN"})
+
+    server = fake_meta()
+    server.RequestHandlerClass = _Refusing
+    player = Player(server.url, "s3cret", admin_token="wrong", progress=False)
+    with pytest.raises(WaflowError, match="refused ADMIN_TOKEN"):
+        player.session_view("0", "0")
