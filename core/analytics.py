@@ -30,6 +30,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
     true,
     update,
 )
@@ -80,6 +81,9 @@ class Filters:
 # --------------------------------------------------------------------------------------- helpers
 def _frame(db: Database, stmt: Query) -> pd.DataFrame:
     with db.engine.connect() as conn:
+        if db.is_postgres:
+            # Funnels and percentiles hash or sort a few hundred thousand rows: keep that in memory.
+            conn.execute(text("SET LOCAL work_mem = '64MB'"))
         result = conn.execute(stmt)
         return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
 
@@ -324,12 +328,22 @@ def refresh_rollups(db: Database, now: datetime | None = None) -> int:
             index_elements=["phone_number_id", "user_id", "flow", "step"],
             set_={"first_at": _least(conn, upsert.excluded.first_at, r.first_at)},
         ))
+        # entered_at of every session that got new transitions: its earliest first_at in the flow.
+        touched = select(t.phone_number_id, t.user_id).where(in_range).distinct().subquery("touched")
         other = aliased(StepReach)
-        entered = select(func.min(other.first_at)).where(
-            other.phone_number_id == r.phone_number_id, other.user_id == r.user_id, other.flow == r.flow
-        ).scalar_subquery()
-        touched = select(t.id).where(in_range, t.phone_number_id == r.phone_number_id, t.user_id == r.user_id).exists()
-        conn.execute(update(StepReach).where(touched).values(entered_at=entered))
+        entered = (
+            select(other.phone_number_id, other.user_id, other.flow, func.min(other.first_at).label("entered_at"))
+            .join(touched, and_(touched.c.phone_number_id == other.phone_number_id,
+                                touched.c.user_id == other.user_id))
+            .group_by(other.phone_number_id, other.user_id, other.flow)
+            .subquery("entered")
+        )
+        conn.execute(
+            update(StepReach)
+            .where(r.phone_number_id == entered.c.phone_number_id, r.user_id == entered.c.user_id,
+                   r.flow == entered.c.flow, r.entered_at.is_distinct_from(entered.c.entered_at))
+            .values(entered_at=entered.c.entered_at)
+        )
         settled = conn.scalar(select(func.max(t.id)).where(in_range, t.applied_at <= now - SETTLE)) or low
         watermark = _insert_for(conn)(AnalyticsWatermark).values(name=ROLLUP, last_id=settled, refreshed_at=now)
         conn.execute(watermark.on_conflict_do_update(
@@ -390,7 +404,8 @@ class _FunnelQuery:
                                                ChatSession.user_id == r.user_id))
             if f.language:
                 clauses.append(ChatSession.language == f.language)
-        return stmt.where(*clauses).group_by(r.phone_number_id, r.user_id, segment).subquery("journeys")
+        keys = [r.phone_number_id, r.user_id, *([segment] if self.by else [])]
+        return stmt.where(*clauses).group_by(*keys).subquery("journeys")
 
 
 def _went_on(j: Any, i: int) -> ColumnElement[bool]:

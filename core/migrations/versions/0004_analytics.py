@@ -28,7 +28,12 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("phone_number_id", "user_id", "flow", "step"),
     )
     with op.batch_alter_table("analytics_step_reach", schema=None) as batch_op:
-        batch_op.create_index("ix_step_reach_flow_entered", ["flow", "entered_at"], unique=False)
+        batch_op.create_index(
+            "ix_step_reach_flow_entered",
+            ["flow", "entered_at"],
+            unique=False,
+            postgresql_include=["phone_number_id", "user_id", "step", "first_at"],
+        )
 
     op.create_table(
         "analytics_watermarks",
