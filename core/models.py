@@ -355,3 +355,9 @@ class AnalyticsWatermark(Base):
     name: Mapped[str] = mapped_column(String(50), primary_key=True)
     last_id: Mapped[int] = mapped_column(BigInteger)
     refreshed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+# Analytics indexes on the engine's tables (migration 0004): new sessions / completions per day read
+# transitions by outcome and time; messages per hour reads inbound events by WhatsApp timestamp.
+Index("ix_transitions_outcome_at", Transition.outcome, Transition.at)
+Index("ix_inbound_timestamp", InboundEvent.timestamp)

@@ -1,4 +1,4 @@
-"""analytics: step-reach rollup for funnels and its watermark
+"""analytics: step-reach rollup for funnels, its watermark, indexes for the dashboard's time series
 
 Revision ID: 0004
 Revises: 0002
@@ -35,6 +35,11 @@ def upgrade() -> None:
             postgresql_include=["phone_number_id", "user_id", "step", "first_at"],
         )
 
+    with op.batch_alter_table("transitions", schema=None) as batch_op:
+        batch_op.create_index("ix_transitions_outcome_at", ["outcome", "at"], unique=False)
+    with op.batch_alter_table("inbound_events", schema=None) as batch_op:
+        batch_op.create_index("ix_inbound_timestamp", ["timestamp"], unique=False)
+
     op.create_table(
         "analytics_watermarks",
         sa.Column("name", sa.String(length=50), nullable=False),
@@ -46,6 +51,10 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("analytics_watermarks")
+    with op.batch_alter_table("inbound_events", schema=None) as batch_op:
+        batch_op.drop_index("ix_inbound_timestamp")
+    with op.batch_alter_table("transitions", schema=None) as batch_op:
+        batch_op.drop_index("ix_transitions_outcome_at")
     with op.batch_alter_table("analytics_step_reach", schema=None) as batch_op:
         batch_op.drop_index("ix_step_reach_flow_entered")
     op.drop_table("analytics_step_reach")
