@@ -476,15 +476,19 @@ def funnel(
 
 
 def time_to_complete(
-    db: Database, flow: Flow, filters: Filters = Filters(), window_seconds: float | None = None
+    db: Database, flow: Flow, filters: Filters = Filters(), window_seconds: float | None = None,
+    limit: int | None = 20000,
 ) -> pd.DataFrame:
-    """Per cohort user who reached the flow's last path step: seconds from entering to getting there."""
+    """Per cohort user who reached the flow's last path step: seconds from entering to getting there.
+
+    The `limit` most recent entrants (a distribution needs no more; None: all of them).
+    """
     refresh_rollups(db)
     q = _FunnelQuery(db, flow, filters, window_seconds)
     j, last = q.journeys(), f"s{len(q.path) - 1}"
     stmt = select(j.c.phone_number_id, j.c.user_id, (j.c[last] - j.c.entered).label("seconds")).where(
         j.c[last].is_not(None)
-    ).order_by(j.c.phone_number_id, j.c.user_id)
+    ).order_by(j.c.entered.desc(), j.c.phone_number_id, j.c.user_id).limit(limit)
     frame = _frame(db, stmt)
     frame["seconds"] = frame["seconds"].astype(float).round(3)
     return frame

@@ -55,7 +55,8 @@ if durations.empty:
     st.info("Nobody in this cohort completed the flow yet.")
 else:
     st.plotly_chart(charts.time_to_complete(durations), key="funnel_ttc_chart")
-    st.caption(f"Median {common.seconds_label(durations['seconds'].median())} over {len(durations):,} users.")
+    st.caption(f"Median {common.seconds_label(durations['seconds'].median())} over the {len(durations):,} most "
+               "recent users who completed (at most 20,000).")
 
 st.subheader("Who dropped off")
 steps = table["step"].tolist()[:-1]
