@@ -28,6 +28,7 @@ from core.migrate import ensure_schema
 from core.payloads import MAX_BODY_BYTES, ParsedWebhook, parse_webhook
 from core.signature import verify_signature
 from core.statuses import record_statuses
+from core.whatsapp import refresh_pause_gauge
 from core.worker import ApplyWorker, Periodic, RequestStats, sweep
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,7 @@ class WebhookService:
 
     def refresh_gauges(self) -> None:
         self.engine.pending_count()
+        refresh_pause_gauge(self.db)  # sending paused per business number, and why (error code)
 
     def count(self, result: str, n: int = 1) -> None:
         metrics.WEBHOOK_REQUESTS.labels(result).inc(n)
