@@ -100,11 +100,13 @@ class Engine:
             with self.db.single_statement() as conn:
                 stmt = (
                     _insert_for(conn)(InboundEvent)
-                    .values(rows)
                     .on_conflict_do_nothing(index_elements=["phone_number_id", "wamid"])
                     .returning(InboundEvent.phone_number_id, InboundEvent.wamid)
                 )
-                stored = {(r.phone_number_id, r.wamid) for r in conn.execute(stmt)}
+                # Rows as parameters, not .values(rows): the statement's compiled form is then cached
+                # (a multi-row VALUES is compiled again on every request), and SQLAlchemy still sends one
+                # multi-row INSERT per 1000 rows ("insertmanyvalues").
+                stored = {(r.phone_number_id, r.wamid) for r in conn.execute(stmt, rows)}
         except (OperationalError, DBAPIError) as e:
             raise DatabaseUnavailableError(f"cannot store messages: {first_line(e)}") from e
         keys: dict[SessionKey, None] = {}
