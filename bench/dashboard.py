@@ -34,6 +34,7 @@ def page_queries(db: Database, now: datetime) -> dict[str, list[tuple[str, Calla
     today = now.replace(hour=0, minute=0, second=0, microsecond=0)
     days30 = Filters(since=today - timedelta(days=30), until=today + timedelta(days=1))
     days14 = Filters(since=today - timedelta(days=14), until=today + timedelta(days=1))
+    days7 = Filters(since=today - timedelta(days=7), until=today + timedelta(days=1))
     funnel30 = Filters(flow=flow.name, since=days30.since, until=days30.until)
     stalled = StalledQuery(now=now, idle_seconds=7200, limit=1000)
     first = campaigns.list_campaigns(db)[:1]
@@ -67,9 +68,9 @@ def page_queries(db: Database, now: datetime) -> dict[str, list[tuple[str, Calla
             ("dropped_users", lambda: analytics.dropped_users(db, flow, flow.start, funnel30)),
         ],
         "Transition latency": [
-            ("transition_latency 30d", lambda: analytics.transition_latency(db, days30)),
-            ("latency_samples", lambda: analytics.latency_samples(db, days30)),
-            ("latency_trend", lambda: analytics.latency_trend(db, days30, "day")),
+            ("transition_latency 7d", lambda: analytics.transition_latency(db, days7)),
+            ("latency_samples 7d", lambda: analytics.latency_samples(db, days7)),
+            ("latency_trend 7d", lambda: analytics.latency_trend(db, days7, "day")),
         ],
         "Stalled users": [
             ("stalled_users 2h", lambda: analytics.stalled_users(db, stalled)),

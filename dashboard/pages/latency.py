@@ -11,7 +11,7 @@ if common.no_traffic():
     st.stop()
 
 url = data.url()
-filters = common.filter_bar("latency")
+filters = common.filter_bar("latency", default_days=7)
 table = data.transition_latency(url, filters)
 if table.empty:
     st.info("No step changes match these filters.")
