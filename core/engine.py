@@ -456,11 +456,11 @@ class _UserBatch:
             if state is not None:
                 statements.append(state)
         if self.transitions:
-            statements.append(insert(Transition).values(self.transitions))
+            statements.append(insert(Transition).values(_rows(self.transitions)))
         if self.outbox:
             statements.append(
                 _insert_for(self.conn)(Outbox)
-                .values(self.outbox)
+                .values(_rows(self.outbox))
                 .on_conflict_do_nothing(index_elements=["idempotency_key"])
             )
         for result, ids in self.results.items():
@@ -488,6 +488,12 @@ class _UserBatch:
         statement = self._state_statement(original_version)
         if statement is not None:
             self.conn.execute(statement)
+
+
+def _rows(rows: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
+    # One row as a dict keeps the statement cacheable: SQLAlchemy compiles a multi-row VALUES list on
+    # every execution, which costs more CPU than the round trips the combined write saves.
+    return rows[0] if len(rows) == 1 else rows
 
 
 def apply_keys(engine: Engine, keys: Iterable[SessionKey]) -> int:
