@@ -13,7 +13,7 @@ if common.no_traffic():
     st.stop()
 
 url = data.url()
-filters = common.filter_bar("funnel", flow_required=True)
+filters = common.filter_bar("funnel", flow_required=True, default_days=7)
 window_label = st.selectbox("Conversion window", list(WINDOWS), key="funnel_window")
 window = WINDOWS[window_label]
 flow_name = filters.flow or ""
