@@ -621,11 +621,12 @@ def _stalled_clauses(q: StalledQuery) -> list[ColumnElement[bool]]:
 
 def stalled_users(db: Database, q: StalledQuery) -> pd.DataFrame:
     """The stalled users matching `q`, longest idle first (at most `q.limit` rows)."""
+    # Correlated, so only the returned rows are counted (ix_followups_session), not every follow-up ever sent.
     sent = (
-        select(FollowUp.phone_number_id, FollowUp.user_id, func.count().label("followups_sent"))
-        .where(FollowUp.status == "queued")
-        .group_by(FollowUp.phone_number_id, FollowUp.user_id)
-        .subquery()
+        select(func.count())
+        .where(FollowUp.phone_number_id == ChatSession.phone_number_id, FollowUp.user_id == ChatSession.user_id,
+               FollowUp.status == "queued")
+        .scalar_subquery()
     )
     stmt = (
         select(
@@ -638,10 +639,8 @@ def stalled_users(db: Database, q: StalledQuery) -> pd.DataFrame:
             (q.now.timestamp() - _epoch(db, ChatSession.last_inbound_at)).label("idle_seconds"),
             case((_window_open(q.now), True), else_=False).label("inside_window"),
             ChatSession.opted_out,
-            func.coalesce(sent.c.followups_sent, 0).label("followups_sent"),
+            sent.label("followups_sent"),
         )
-        .outerjoin(sent, and_(sent.c.phone_number_id == ChatSession.phone_number_id,
-                              sent.c.user_id == ChatSession.user_id))
         .where(*_stalled_clauses(q))
         .order_by(ChatSession.last_inbound_at, ChatSession.phone_number_id, ChatSession.user_id)
         .limit(q.limit)
