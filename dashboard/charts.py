@@ -98,6 +98,7 @@ def stalled_by_step(frame: pd.DataFrame) -> go.Figure:
     counts = frame.groupby(["flow", "step", "inside_window"]).size().rename("users").reset_index()
     counts["window"] = counts["inside_window"].map({True: "inside 24 h window", False: "outside window"})
     fig = px.bar(counts, x="step", y="users", color="window", facet_col="flow", color_discrete_sequence=PALETTE)
+    fig.update_xaxes(matches=None)  # each flow shows its own steps only
     return _layout(fig, "Stalled users by step")
 
 
