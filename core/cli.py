@@ -10,14 +10,16 @@ from collections.abc import Sequence
 
 from core.errors import WaflowError
 
-# Each module exposes `register(subparsers)`; the list is explicit so a command is one grep away.
-COMMAND_MODULES = (
-    "core.commands.engine",
-    "core.commands.serve",
-    "core.commands.analytics",
-    "core.commands.campaigns",
-    "core.commands.simulate",
-)
+# Each module exposes `register(subparsers)` for the commands listed with it. The map is explicit so a
+# command is one grep away, and only the module of the command being run is imported (pandas, uvicorn and
+# the simulator cost seconds of start-up that `migrate` or `sessions show` should not pay).
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "core.commands.engine": ("migrate", "process-pending", "replay", "sessions"),
+    "core.commands.serve": ("serve",),
+    "core.commands.analytics": ("funnel", "export-stalled", "hash-password"),
+    "core.commands.campaigns": ("campaigns", "sending"),
+    "core.commands.simulate": ("simulate",),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -26,17 +28,30 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; with `command`, only that command's module is imported (all of them for help or typos)."""
     parser = _Parser(prog="python -m core", description="waflow session engine")
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in COMMAND_MODULES:
+    owners = [module for module, commands in COMMAND_MODULES.items() if command in commands]
+    for name in owners or COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
 
 
+def _command_word(argv: Sequence[str]) -> str | None:
+    words = iter(argv)
+    for word in words:
+        if word == "--log-level":
+            next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_word(argv))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
