@@ -13,9 +13,9 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Connection, delete, insert, literal, select, update
+from sqlalchemy import Connection, Integer, Table, bindparam, delete, insert, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -54,6 +54,62 @@ def ts_to_datetime(timestamp: int) -> datetime:
 
 def _insert_for(conn: Connection) -> Any:
     return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+
+
+SESSIONS = cast(Table, ChatSession.__table__)
+EVENTS = cast(Table, InboundEvent.__table__)
+TRANSITIONS = cast(Table, Transition.__table__)
+OUTBOX = cast(Table, Outbox.__table__)
+STATE_COLUMNS = tuple(c for c in SESSIONS.c.keys() if c not in ("phone_number_id", "user_id", "created_at"))
+
+
+class _Sql:
+    """The apply path's statements, built once per dialect with bind parameters: each compiles once and is
+    then served from SQLAlchemy's cache (building statements per message cost more CPU than the I/O)."""
+
+    def __init__(self, dialect: str) -> None:
+        dml = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        key = (SESSIONS.c.phone_number_id == bindparam("k_phone"), SESSIONS.c.user_id == bindparam("k_user"))
+        self.insert_session = dml(SESSIONS).on_conflict_do_nothing(index_elements=["phone_number_id", "user_id"])
+        session = select(SESSIONS).where(*key)
+        self.select_session = session
+        self.lock_session = session.with_for_update()
+        self.lock_session_or_skip = session.with_for_update(skip_locked=True)
+        pending = (
+            select(EVENTS.c.id, EVENTS.c.message)
+            .where(
+                EVENTS.c.phone_number_id == bindparam("k_phone"),
+                EVENTS.c.user_id == bindparam("k_user"),
+                EVENTS.c.processed_at.is_(None),
+            )
+            .order_by(EVENTS.c.timestamp, EVENTS.c.id)
+            .limit(bindparam("k_limit", type_=Integer()))
+        )
+        self.pending = pending
+        self.claim_pending = pending.with_for_update(skip_locked=True)
+        self.update_session = (
+            update(SESSIONS)
+            .where(*key)
+            .values({c: bindparam(f"v_{c}", type_=SESSIONS.c[c].type) for c in STATE_COLUMNS})
+        )
+        self.delete_blank = delete(SESSIONS).where(*key, SESSIONS.c.status == "new")
+        self.insert_transition = insert(TRANSITIONS)
+        self.insert_outbox = dml(OUTBOX).on_conflict_do_nothing(index_elements=["idempotency_key"])
+        self.mark_event = (
+            update(EVENTS)
+            .where(EVENTS.c.id == bindparam("e_id"), EVENTS.c.processed_at.is_(None))
+            .values(processed_at=bindparam("e_at", type_=EVENTS.c.processed_at.type), result=bindparam("e_result"))
+        )
+
+
+_SQL: dict[str, _Sql] = {}
+
+
+def _sql(conn: Connection) -> _Sql:
+    name = conn.dialect.name
+    if name not in _SQL:
+        _SQL[name] = _Sql(name)
+    return _SQL[name]
 
 
 class Engine:
@@ -206,6 +262,7 @@ class _UserBatch:
         self.transitions: list[dict[str, Any]] = []
         self.outbox: list[dict[str, Any]] = []
         self.results: dict[str, list[int]] = {}
+        self.sql = _sql(conn)
 
     def run(self, *, skip_locked: bool) -> ApplyResult:
         limit = self.engine.settings.apply_batch_limit
@@ -238,54 +295,41 @@ class _UserBatch:
         return ApplyResult(applied=applied, transitions=len(self.transitions), more_pending=more)
 
     # -- reads -----------------------------------------------------------------------------------
+    def _params(self) -> dict[str, Any]:
+        phone, user = self.key
+        return {"k_phone": phone, "k_user": user}
+
     def _insert_session_if_missing(self) -> None:
         phone, user = self.key
         flow = self.engine.flows.latest(self.engine.settings.flow_for(phone))
-        stmt = (
-            _insert_for(self.conn)(ChatSession)
-            .values(
-                phone_number_id=phone,
-                user_id=user,
-                flow=flow.name,
-                flow_version=flow.version,
-                current_step=flow.start,
-                data={},
-                version=0,
-                failure_count=0,
-                language=flow.default_language,
-                status="new",
-                opted_out=False,
-                created_at=self.now,
-                updated_at=self.now,
-            )
-            .on_conflict_do_nothing(index_elements=["phone_number_id", "user_id"])
-        )
-        self.conn.execute(stmt)
+        row = {
+            "phone_number_id": phone,
+            "user_id": user,
+            "flow": flow.name,
+            "flow_version": flow.version,
+            "current_step": flow.start,
+            "data": {},
+            "version": 0,
+            "failure_count": 0,
+            "language": flow.default_language,
+            "status": "new",
+            "opted_out": False,
+            "created_at": self.now,
+            "updated_at": self.now,
+        }
+        self.conn.execute(self.sql.insert_session, row)
 
     def _select_session(self, *, for_update: bool, skip_locked: bool) -> Any:
-        phone, user = self.key
-        stmt = select(ChatSession.__table__).where(
-            ChatSession.phone_number_id == phone, ChatSession.user_id == user
-        )
-        if for_update:
-            stmt = stmt.with_for_update(skip_locked=skip_locked)
-        return self.conn.execute(stmt).first()
+        if not for_update:
+            statement = self.sql.select_session
+        else:
+            statement = self.sql.lock_session_or_skip if skip_locked else self.sql.lock_session
+        return self.conn.execute(statement, self._params()).first()
 
     def _pending(self, limit: int, *, claim: bool) -> list[_Pending]:
-        phone, user = self.key
-        stmt = (
-            select(InboundEvent.id, InboundEvent.message)
-            .where(
-                InboundEvent.phone_number_id == phone,
-                InboundEvent.user_id == user,
-                InboundEvent.processed_at.is_(None),
-            )
-            .order_by(InboundEvent.timestamp, InboundEvent.id)
-            .limit(limit)
-        )
-        if claim:
-            stmt = stmt.with_for_update(skip_locked=True)
-        return [_Pending(r.id, InboundMessage.model_validate(r.message)) for r in self.conn.execute(stmt)]
+        statement = self.sql.claim_pending if claim else self.sql.pending
+        rows = self.conn.execute(statement, {**self._params(), "k_limit": limit})
+        return [_Pending(r.id, InboundMessage.model_validate(r.message)) for r in rows]
 
     def _context_step(self, message: InboundMessage) -> str | None:
         if not message.context_id:
@@ -438,61 +482,28 @@ class _UserBatch:
 
     # -- write -------------------------------------------------------------------------------------
     def _write(self, original_version: int) -> None:
-        statements = self._statements(original_version)
-        if self.conn.dialect.name != "postgresql" or len(statements) < 2:
-            for statement in statements:
-                self.conn.execute(statement)
-            return
-        # One round trip instead of four: data-modifying CTEs all run, inside this same transaction.
-        combined = select(literal(1))
-        for index, statement in enumerate(statements):
-            combined = combined.add_cte(statement.cte(f"w{index}"))
-        self.conn.execute(combined)
-
-    def _statements(self, original_version: int) -> list[Any]:
-        statements: list[Any] = []
         if not self.session.get("moved"):
-            state = self._state_statement(original_version)
-            if state is not None:
-                statements.append(state)
+            self._write_state(original_version)
         if self.transitions:
-            statements.append(insert(Transition).values(_rows(self.transitions)))
+            self.conn.execute(self.sql.insert_transition, _rows(self.transitions))
         if self.outbox:
-            statements.append(
-                _insert_for(self.conn)(Outbox)
-                .values(_rows(self.outbox))
-                .on_conflict_do_nothing(index_elements=["idempotency_key"])
-            )
-        for result, ids in self.results.items():
-            statements.append(
-                update(InboundEvent)
-                .where(InboundEvent.id.in_(ids), InboundEvent.processed_at.is_(None))
-                .values(processed_at=self.now, result=result)
-            )
-        return statements
-
-    def _state_statement(self, original_version: int) -> Any:
-        s = self.session
-        phone, user = self.key
-        where = (ChatSession.phone_number_id == phone, ChatSession.user_id == user)
-        if s["status"] == "new":
-            # Nothing applied (only reactions, say): no blank session is left behind.
-            return delete(ChatSession).where(*where, ChatSession.status == "new")
-        if s["version"] == original_version:
-            return None
-        columns = ChatSession.__table__.columns.keys()
-        values = {k: v for k, v in s.items() if k in columns and k not in ("phone_number_id", "user_id", "created_at")}
-        return update(ChatSession).where(*where).values(values)
+            self.conn.execute(self.sql.insert_outbox, _rows(self.outbox))
+        marks = [{"e_id": i, "e_at": self.now, "e_result": r} for r, ids in self.results.items() for i in ids]
+        if marks:
+            self.conn.execute(self.sql.mark_event, _rows(marks))
 
     def _write_state(self, original_version: int) -> None:
-        statement = self._state_statement(original_version)
-        if statement is not None:
-            self.conn.execute(statement)
+        s = self.session
+        if s["status"] == "new":
+            # Nothing applied (only reactions, say): no blank session is left behind.
+            self.conn.execute(self.sql.delete_blank, self._params())
+        elif s["version"] != original_version:
+            values = {f"v_{c}": s[c] for c in STATE_COLUMNS}
+            self.conn.execute(self.sql.update_session, {**self._params(), **values})
 
 
 def _rows(rows: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
-    # One row as a dict keeps the statement cacheable: SQLAlchemy compiles a multi-row VALUES list on
-    # every execution, which costs more CPU than the round trips the combined write saves.
+    # One row as plain parameters (execute), several as executemany; the statement itself never changes.
     return rows[0] if len(rows) == 1 else rows
 
 
