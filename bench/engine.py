@@ -121,7 +121,9 @@ def _percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def run_engine(server: Server, scenario: str, workers: int, messages: int, rate: float | None = None) -> dict[str, float]:
+def run_engine(
+    server: Server, scenario: str, workers: int, messages: int, rate: float | None = None
+) -> dict[str, float]:
     name, url = server.fresh()
     try:
         plans = _plans(scenario, workers, messages, uuid.uuid4().hex[:6])

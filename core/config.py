@@ -44,6 +44,8 @@ class Settings(BaseSettings):
     followups_interval_seconds: float = 60.0
     sender_interval_seconds: float = 2.0
     sweeper_interval_seconds: float = 30.0
+    # The funnel rollup (analytics_step_reach); funnel queries also refresh it before reading.
+    rollups_interval_seconds: float = 60.0
     send_rate_per_second: float = 80.0
     send_user_spacing_seconds: float = 1.0
     send_timeout_seconds: float = 10.0
@@ -74,7 +76,8 @@ class Settings(BaseSettings):
     apply_threads: int = 2
     pending_sweep_interval_seconds: float = 5.0
 
-    # Dashboard sign-in. DASHBOARD_USERS: "name:role:sha256hex,..." (role admin|viewer).
+    # Dashboard sign-in. DASHBOARD_USERS: "name:role:pbkdf2_sha256$iterations$salt$hash,..." (role admin|viewer);
+    # `python -m core hash-password` prints the hash.
     dashboard_users: str = ""
     demo_mode: bool = False
     pending_warning_threshold: int = 100

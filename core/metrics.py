@@ -34,6 +34,8 @@ SEND_LATENCY = Histogram(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
 )
 SENDER_PAUSED = Gauge(
-    "waflow_sender_paused", "1 while sending from a business number is paused, by error code", ["phone_number_id", "code"]
+    "waflow_sender_paused",
+    "1 while sending from a business number is paused, by error code",
+    ["phone_number_id", "code"],
 )
 JOB_RUNS = Counter("waflow_job_runs_total", "Job runs by job and result (ok, error, skipped)", ["job", "result"])

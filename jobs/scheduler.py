@@ -23,6 +23,7 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.interval import IntervalTrigger
 from sqlalchemy import text
 
+from core.analytics import refresh_rollups
 from core.config import Settings
 from core.db import Database
 from core.engine import Engine
@@ -45,6 +46,7 @@ JOBS: dict[str, str] = {
     "followups": "followups_interval_seconds",
     "sender": "sender_interval_seconds",
     "sweeper": "sweeper_interval_seconds",
+    "rollups": "rollups_interval_seconds",
 }
 
 
@@ -71,6 +73,7 @@ class JobContext:
             "followups": lambda now: run_followups(db, settings, now),
             "sender": lambda now: run_sender(db, settings, now, client=self.client, owner=self.owner),
             "sweeper": lambda now: run_sweeper(db, settings, now, engine=self.engine),
+            "rollups": lambda now: {"transitions_read": refresh_rollups(db, now)},
         }
         return functions[job]
 

@@ -218,6 +218,33 @@ CREATE TABLE webhook_stats (
 
 UPDATE alembic_version SET version_num='0002' WHERE alembic_version.version_num = '0001';
 
+-- Running upgrade 0002 -> 0004
+
+CREATE TABLE analytics_step_reach (
+    phone_number_id VARCHAR(64) NOT NULL, 
+    user_id VARCHAR(128) NOT NULL, 
+    flow VARCHAR(100) NOT NULL, 
+    step VARCHAR(100) NOT NULL, 
+    first_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    entered_at TIMESTAMP WITH TIME ZONE, 
+    PRIMARY KEY (phone_number_id, user_id, flow, step)
+);
+
+CREATE INDEX ix_step_reach_flow_entered ON analytics_step_reach (flow, entered_at) INCLUDE (phone_number_id, user_id, step, first_at);
+
+CREATE INDEX ix_transitions_outcome_at ON transitions (outcome, at);
+
+CREATE INDEX ix_inbound_timestamp ON inbound_events (timestamp);
+
+CREATE TABLE analytics_watermarks (
+    name VARCHAR(50) NOT NULL, 
+    last_id BIGINT NOT NULL, 
+    refreshed_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    PRIMARY KEY (name)
+);
+
+UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0002';
+
 -- Running upgrade 0002 -> 0003
 
 ALTER TABLE outbox ADD COLUMN send_started_at TIMESTAMP WITH TIME ZONE;
@@ -228,7 +255,7 @@ ALTER TABLE job_runs ADD COLUMN run_key VARCHAR(200);
 
 CREATE UNIQUE INDEX uq_job_runs_run_key ON job_runs (run_key);
 
-UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
+INSERT INTO alembic_version (version_num) VALUES ('0003') RETURNING alembic_version.version_num;
 
 COMMIT;
 

@@ -17,7 +17,9 @@ def wamid() -> str:
     return f"wamid.T{next(_counter):08d}"
 
 
-def text(user: str, body: str, ts: int, *, phone: str = PHONE, wamid_: str | None = None, **extra: Any) -> InboundMessage:
+def text(
+    user: str, body: str, ts: int, *, phone: str = PHONE, wamid_: str | None = None, **extra: Any
+) -> InboundMessage:
     wid = wamid_ or wamid()
     raw = {"from": user, "id": wid, "timestamp": str(ts), "type": "text", "text": {"body": body}}
     return InboundMessage(
