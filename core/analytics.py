@@ -34,11 +34,10 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import InstrumentedAttribute, aliased
 
-from core.db import Database
+from core.db import Database, insert_for
 from core.flows import Flow
 from core.models import (
     AnalyticsWatermark,
@@ -322,8 +321,8 @@ def refresh_rollups(db: Database, now: datetime | None = None) -> int:
             .where(in_range, t.outcome.not_in(NOT_PROGRESS))
             .group_by(t.phone_number_id, t.user_id, t.flow, t.to_step)
         )
-        upsert = _insert_for(conn)(StepReach).from_select(["phone_number_id", "user_id", "flow", "step", "first_at"],
-                                                          firsts)
+        dml = insert_for(conn.dialect.name)
+        upsert = dml(StepReach).from_select(["phone_number_id", "user_id", "flow", "step", "first_at"], firsts)
         conn.execute(upsert.on_conflict_do_update(
             index_elements=["phone_number_id", "user_id", "flow", "step"],
             set_={"first_at": _least(conn, upsert.excluded.first_at, r.first_at)},
@@ -345,15 +344,12 @@ def refresh_rollups(db: Database, now: datetime | None = None) -> int:
             .values(entered_at=entered.c.entered_at)
         )
         settled = conn.scalar(select(func.max(t.id)).where(in_range, t.applied_at <= now - SETTLE)) or low
-        watermark = _insert_for(conn)(AnalyticsWatermark).values(name=ROLLUP, last_id=settled, refreshed_at=now)
+        watermark = dml(AnalyticsWatermark).values(name=ROLLUP, last_id=settled, refreshed_at=now)
         conn.execute(watermark.on_conflict_do_update(
             index_elements=["name"], set_={"last_id": settled, "refreshed_at": now}
         ))
         return int(high - low)
 
-
-def _insert_for(conn: Connection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 
 @dataclass(frozen=True)

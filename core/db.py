@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
@@ -65,6 +66,11 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+def insert_for(dialect: str) -> Any:
+    """The dialect's INSERT construct (PostgreSQL or SQLite): both offer ON CONFLICT DO NOTHING / DO UPDATE."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 def first_line(error: BaseException) -> str:

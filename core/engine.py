@@ -16,12 +16,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from sqlalchemy import Connection, Integer, Table, bindparam, delete, insert, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import metrics
 from core.config import Settings, get_settings
-from core.db import Database, first_line
+from core.db import Database, first_line, insert_for
 from core.errors import DatabaseUnavailableError, UnknownFlowError
 from core.flows import Flow, FlowRegistry, default_flows_dir, load_flows
 from core.machine import Decision, Reply, SessionState, decide
@@ -52,9 +51,6 @@ def ts_to_datetime(timestamp: int) -> datetime:
     return datetime.fromtimestamp(timestamp, UTC)
 
 
-def _insert_for(conn: Connection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
-
 
 SESSIONS = cast(Table, ChatSession.__table__)
 EVENTS = cast(Table, InboundEvent.__table__)
@@ -68,7 +64,7 @@ class _Sql:
     then served from SQLAlchemy's cache (building statements per message cost more CPU than the I/O)."""
 
     def __init__(self, dialect: str) -> None:
-        dml = postgresql.insert if dialect == "postgresql" else sqlite.insert
+        dml = insert_for(dialect)
         key = (SESSIONS.c.phone_number_id == bindparam("k_phone"), SESSIONS.c.user_id == bindparam("k_user"))
         self.insert_session = dml(SESSIONS).on_conflict_do_nothing(index_elements=["phone_number_id", "user_id"])
         session = select(SESSIONS).where(*key)
@@ -155,7 +151,7 @@ class Engine:
         try:
             with self.db.single_statement() as conn:
                 stmt = (
-                    _insert_for(conn)(InboundEvent)
+                    insert_for(conn.dialect.name)(InboundEvent)
                     .on_conflict_do_nothing(index_elements=["phone_number_id", "wamid"])
                     .returning(InboundEvent.phone_number_id, InboundEvent.wamid)
                 )

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
 from sqlalchemy import Connection, and_, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from core.db import Database, first_line
+from core.db import Database, first_line, insert_for
 from core.errors import DatabaseUnavailableError
 from core.messages import StatusUpdate
 from core.models import ChatSession, MessageStatus, MessageStatusEvent, Outbox
@@ -25,9 +23,6 @@ RANK = {"sent": 1, "delivered": 2, "read": 3, "failed": 4}
 OUTSIDE_WINDOW = 131047
 UNDELIVERABLE = 131026
 
-
-def _insert(conn: Connection) -> Any:
-    return postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
 
 
 def error_code(status: StatusUpdate) -> int | None:
@@ -56,7 +51,7 @@ def _record(conn: Connection, status: StatusUpdate, now: datetime) -> int:
     at = datetime.fromtimestamp(status.timestamp, UTC)
     code = error_code(status)
     history = (
-        _insert(conn)(MessageStatusEvent)
+        insert_for(conn.dialect.name)(MessageStatusEvent)
         .values(
             wamid=status.wamid,
             phone_number_id=status.phone_number_id,
@@ -70,7 +65,7 @@ def _record(conn: Connection, status: StatusUpdate, now: datetime) -> int:
     new = conn.execute(history).rowcount or 0
     rank = RANK.get(status.status)
     if rank is not None:
-        stmt = _insert(conn)(MessageStatus).values(
+        stmt = insert_for(conn.dialect.name)(MessageStatus).values(
             wamid=status.wamid,
             phone_number_id=status.phone_number_id,
             recipient_id=status.recipient_id,

@@ -20,11 +20,10 @@ from typing import Any
 import requests
 from requests.adapters import HTTPAdapter
 from sqlalchemy import delete, select
-from sqlalchemy.dialects import postgresql, sqlite
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
 from core import metrics
-from core.db import Database
+from core.db import Database, insert_for
 from core.models import SenderPause
 
 log = logging.getLogger(__name__)
@@ -209,7 +208,7 @@ def _reason(error: BaseException) -> str:
 def pause_sending(db: Database, phone_number_id: str, code: int | None, reason: str, now: datetime) -> bool:
     """Stop sending from a business number. Returns False if it was already paused (the first reason stays)."""
     with db.begin() as conn:
-        insert = postgresql.insert if db.is_postgres else sqlite.insert
+        insert = insert_for(db.engine.dialect.name)
         stmt = (
             insert(SenderPause)
             .values(phone_number_id=phone_number_id, error_code=code, reason=reason, paused_at=now)

@@ -10,9 +10,7 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy.dialects import postgresql, sqlite
-
-from core.db import Database
+from core.db import Database, insert_for
 from core.engine import Engine, SessionKey
 from core.errors import WaflowError
 from core.models import WebhookStat
@@ -125,7 +123,7 @@ class RequestStats:
         rows = [{"bucket": b, "result": r, "count": n} for (b, r), n in counts.items()]
         try:
             with self.db.begin() as conn:
-                insert = postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert
+                insert = insert_for(conn.dialect.name)
                 stmt = insert(WebhookStat).values(rows)
                 stmt = stmt.on_conflict_do_update(
                     index_elements=["bucket", "result"], set_={"count": WebhookStat.count + stmt.excluded["count"]}

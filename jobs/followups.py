@@ -20,7 +20,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select, tuple_, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from core.campaigns import (
     WINDOW_CLOSED_CODE,
@@ -34,7 +33,7 @@ from core.campaigns import (
     stall_filter,
 )
 from core.config import Settings
-from core.db import Database
+from core.db import Database, insert_for
 from core.models import Campaign, ChatSession, FollowUp, Outbox
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ def _queue_one(
     db: Database, campaign: Campaign, facts: SessionFacts, plan: FollowUpPlan, attempt: int, now: datetime
 ) -> str:
     """One session, one transaction: the FollowUp row (the claim on this attempt) and its outbox message."""
-    insert = postgresql.insert if db.is_postgres else sqlite.insert
+    insert = insert_for(db.engine.dialect.name)
     key = (campaign.id, facts.phone_number_id, facts.user_id, attempt)
     with db.begin() as conn:
         followup_id = conn.execute(

@@ -21,10 +21,9 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, func, select, text, update
-from sqlalchemy.dialects import postgresql, sqlite
 
 from core import metrics
-from core.db import Database
+from core.db import Database, insert_for
 from core.models import JobRun
 
 log = logging.getLogger(__name__)
@@ -107,7 +106,7 @@ def _claim(db: Database, job: str, now: datetime, owner: str, run_key: str | Non
             )
             if running is not None:
                 return None
-        insert = postgresql.insert if db.is_postgres else sqlite.insert
+        insert = insert_for(db.engine.dialect.name)
         stmt = insert(JobRun).values(row)
         if run_key is not None:
             stmt = stmt.on_conflict_do_nothing(index_elements=["run_key"])
