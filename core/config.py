@@ -30,7 +30,9 @@ class Settings(BaseSettings):
     default_flow: str = "lead_qualification"
     # "PHONE_NUMBER_ID=flow,PHONE_NUMBER_ID=flow"
     flow_routes: str = ""
-    default_language: str = "en"
+    # The language a new session starts in, by the user's number: "34=es,52=es,55=pt" (longest prefix wins).
+    # Unmapped numbers, business-scoped ids and languages a flow lacks get the flow's default language.
+    language_by_prefix: str = ""
 
     # Engine
     apply_batch_limit: int = 100
@@ -104,6 +106,11 @@ class Settings(BaseSettings):
     def routes(self) -> dict[str, str]:
         pairs = (item.split("=", 1) for item in self.flow_routes.split(",") if "=" in item)
         return {number.strip(): flow.strip() for number, flow in pairs}
+
+    def language_for(self, user_id: str) -> str | None:
+        pairs = (item.split("=", 1) for item in self.language_by_prefix.split(",") if "=" in item)
+        prefixes = sorted(((p.strip(), lang.strip()) for p, lang in pairs), key=lambda pair: -len(pair[0]))
+        return next((lang for prefix, lang in prefixes if prefix and user_id.startswith(prefix)), None)
 
     def flow_for(self, phone_number_id: str) -> str:
         return self.routes.get(phone_number_id, self.default_flow)

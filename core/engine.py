@@ -343,7 +343,8 @@ class _UserBatch:
             return False
         flow = self._flow()
         state = None if self.session["status"] == "new" else self._state()
-        decision = decide(flow, state, message, context_step=self._context_step(message))
+        language = self.engine.settings.language_for(message.user_id) if state is None else None
+        decision = decide(flow, state, message, context_step=self._context_step(message), language=language)
         self._record(flow, message, decision)
         self._mark(item.id, "applied")
         return False

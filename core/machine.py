@@ -69,18 +69,20 @@ def new_session(flow: Flow, language: str | None = None) -> SessionState:
 
 
 def decide(flow: Flow, state: SessionState | None, message: InboundMessage, *,
-           context_step: str | None = None) -> Decision:
-    """Apply one message. `context_step` is the step whose prompt the message replies to, when known."""
+           context_step: str | None = None, language: str | None = None) -> Decision:
+    """Apply one message. `context_step` is the step whose prompt the message replies to, when known;
+    `language` is the language a NEW session starts in (e.g. from the number's country code)."""
     if message.kind not in FLOW_KINDS:
         raise ValueError(f"message kind {message.kind!r} never moves a session")
     keyword = _keyword(message)
     # Opt-out is honoured in every state, also before a session exists: it is a legal duty, not a flow step.
     if keyword in flow.opt_out_keywords or keyword in flow.opt_in_keywords:
-        return _opt(flow, state, opted_out=keyword in flow.opt_out_keywords)
+        return _opt(flow, state or new_session(flow, language), opted_out=keyword in flow.opt_out_keywords,
+                    new=state is None)
     if state is None and flow.first_message == "answer":
-        return _decide_active(flow, new_session(flow), message, keyword, context_step)
+        return _decide_active(flow, new_session(flow, language), message, keyword, context_step)
     if state is None:
-        return _restart(flow, None, flow.default_language, "started")
+        return _restart(flow, None, _language(flow, language), "started")
     if state.status == "archived":
         return _restore(flow, state)
     if state.status == "completed":
@@ -160,8 +162,7 @@ def _restore(flow: Flow, state: SessionState) -> Decision:
     )
 
 
-def _opt(flow: Flow, state: SessionState | None, *, opted_out: bool) -> Decision:
-    current = state or new_session(flow)
+def _opt(flow: Flow, current: SessionState, *, opted_out: bool, new: bool) -> Decision:
     notice = flow.text("opted_out" if opted_out else "opted_in", current.language)
     if opted_out or current.status != "active":
         replies: tuple[Reply, ...] = (_text_reply(render(notice, current.data), None),)
@@ -169,7 +170,7 @@ def _opt(flow: Flow, state: SessionState | None, *, opted_out: bool) -> Decision
         replies = prompt_replies(flow, current.step, current.language, current.data, notice=notice)
     # The subscription flag changes; the conversation itself (step, data, status) does not.
     return Decision(
-        outcome="opted_out" if opted_out else "opted_in", from_step=state.step if state else None,
+        outcome="opted_out" if opted_out else "opted_in", from_step=None if new else current.step,
         to_step=current.step, data=dict(current.data), failure_count=current.failure_count, status=current.status,
         language=current.language, replies=replies, opted_out=opted_out,
     )

@@ -243,7 +243,9 @@ class _Conversation:
         inbound = _to_inbound(msg)
         if not inbound.moves_flow:
             return
-        decision: Decision = decide(self.flow, self.state, inbound, context_step=context_step)
+        # Predict the prompts in the language the server will use (run.sh sets LANGUAGE_BY_PREFIX for the demo).
+        decision: Decision = decide(self.flow, self.state, inbound, context_step=context_step,
+                                    language=self.plan.language if self.state is None else None)
         self.state = SessionState(step=decision.to_step, data=decision.data, failure_count=decision.failure_count,
                                   language=decision.language, status=decision.status)
         for reply in decision.replies:

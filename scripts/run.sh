@@ -51,6 +51,7 @@ demo_secret ADMIN_TOKEN demo-admin-token
 export SEND_MODE=dry-run   # simulated users have made-up numbers: nothing is ever sent to Meta from the demo
 export DEMO_MODE=true      # the dashboard offers the demo/demo sign-in
 export FLOW_ROUTES=${FLOW_ROUTES:-100000000000111=lead_qualification,100000000000222=service_booking}
+export LANGUAGE_BY_PREFIX=${LANGUAGE_BY_PREFIX:-34=es,52=es}  # simulated Spanish speakers write from +34 / +52
 # Demo pace: the sender marks replies sent every second, and idle sessions are archived every 10 s, so users who
 # come back days later (in simulated time) find their session archived and get it restored.
 export SENDER_INTERVAL_SECONDS=${SENDER_INTERVAL_SECONDS:-1}

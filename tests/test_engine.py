@@ -282,3 +282,17 @@ def test_pending_older_than_is_left_to_live_workers(engine: Engine) -> None:
     engine.ingest([text(USER, "hi", BASE_TS)])
     assert engine.process_pending(older_than=timedelta(minutes=5)) == 0
     assert engine.process_pending() == 1
+
+
+def test_new_session_language_from_the_number_prefix(
+    db: Database, registry: FlowRegistry, flows_dir: Path
+) -> None:
+    settings = make_settings(str(db.url), flows_dir, language_by_prefix="34=es,3460=en")
+    engine = Engine(db, registry, settings)
+    deliver(engine, text("34611222333", "hola", BASE_TS), text("34600111222", "hi", BASE_TS), text(USER, "hi", BASE_TS))
+    with db.session() as s:
+        languages = dict(s.execute(select(ChatSession.user_id, ChatSession.language)).all())
+        first_prompts = dict(s.execute(select(Outbox.user_id, Outbox.text)).all())
+    assert languages == {"34611222333": "es", "34600111222": "en", USER: "en"}
+    assert first_prompts["34611222333"].startswith("¡Hola!")
+    assert first_prompts[USER].startswith("Hi!")
