@@ -36,6 +36,7 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -147,12 +148,16 @@ def _worker(index: int, port: int, jobs: list[tuple[float, bytes | None]], t0: f
             records.append((i, done - start, done - t0, status))
         conn.close()
 
-    pool = [threading.Thread(target=run) for _ in range(threads)]
+    _run_threads(run, threads)
+    results.put((index, records))
+
+
+def _run_threads(target: Callable[[], None], threads: int) -> None:
+    pool = [threading.Thread(target=target) for _ in range(threads)]
     for t in pool:
         t.start()
     for t in pool:
         t.join()
-    results.put((index, records))
 
 
 def _request(conn: http.client.HTTPConnection, body: bytes | None) -> int:
@@ -235,11 +240,7 @@ def _closed_worker(index: int, port: int, bodies: list[bytes | None], stop_at: f
             records.append((i, done - start, done, status))
         conn.close()
 
-    pool = [threading.Thread(target=run) for _ in range(threads)]
-    for t in pool:
-        t.start()
-    for t in pool:
-        t.join()
+    _run_threads(run, threads)
     results.put((index, records))
 
 

@@ -104,16 +104,20 @@ class Settings(BaseSettings):
 
     @property
     def routes(self) -> dict[str, str]:
-        pairs = (item.split("=", 1) for item in self.flow_routes.split(",") if "=" in item)
-        return {number.strip(): flow.strip() for number, flow in pairs}
+        return dict(_pairs(self.flow_routes))
 
     def language_for(self, user_id: str) -> str | None:
-        pairs = (item.split("=", 1) for item in self.language_by_prefix.split(",") if "=" in item)
-        prefixes = sorted(((p.strip(), lang.strip()) for p, lang in pairs), key=lambda pair: -len(pair[0]))
+        prefixes = sorted(_pairs(self.language_by_prefix), key=lambda pair: -len(pair[0]))
         return next((lang for prefix, lang in prefixes if prefix and user_id.startswith(prefix)), None)
 
     def flow_for(self, phone_number_id: str) -> str:
         return self.routes.get(phone_number_id, self.default_flow)
+
+
+def _pairs(text: str) -> list[tuple[str, str]]:
+    """"a=b,c=d" settings (FLOW_ROUTES, LANGUAGE_BY_PREFIX) as stripped (key, value) pairs."""
+    pairs = (item.split("=", 1) for item in text.split(",") if "=" in item)
+    return [(key.strip(), value.strip()) for key, value in pairs]
 
 
 @lru_cache(maxsize=1)

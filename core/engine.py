@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
-from sqlalchemy import Connection, Integer, Table, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, Integer, Table, bindparam, delete, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core import metrics
@@ -203,13 +203,11 @@ class Engine:
         )
         if older_than is not None:
             cutoff = datetime.now(UTC) - older_than
-            stmt = stmt.having(_min_received_before(cutoff))
+            stmt = stmt.having(func.min(InboundEvent.received_at) < cutoff)
         with self.db.engine.connect() as conn:
             return [(r.phone_number_id, r.user_id) for r in conn.execute(stmt)]
 
     def pending_count(self) -> int:
-        from sqlalchemy import func
-
         with self.db.engine.connect() as conn:
             count = conn.scalar(select(func.count()).where(InboundEvent.processed_at.is_(None)))
         metrics.MESSAGES_PENDING.set(count or 0)
@@ -233,11 +231,6 @@ class Engine:
             if progress == 0:
                 return applied  # everything left is locked by another applier right now
 
-
-def _min_received_before(cutoff: datetime) -> Any:
-    from sqlalchemy import func
-
-    return func.min(InboundEvent.received_at) < cutoff
 
 
 @dataclass
@@ -502,8 +495,3 @@ class _UserBatch:
 def _rows(rows: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:
     # One row as plain parameters (execute), several as executemany; the statement itself never changes.
     return rows[0] if len(rows) == 1 else rows
-
-
-def apply_keys(engine: Engine, keys: Iterable[SessionKey]) -> int:
-    """Apply every pending message of the given users (the webhook's background worker calls this)."""
-    return sum(engine.apply_all(key) for key in keys)
