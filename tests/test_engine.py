@@ -125,15 +125,15 @@ def test_failed_apply_rolls_back_everything(db: Database, registry: FlowRegistry
         raise Boom
 
     original = engine.__class__.apply_pending
-    import core.engine as engine_module
+    from core.batch import UserBatch
 
-    real_write = engine_module._UserBatch._write
-    engine_module._UserBatch._write = explode  # type: ignore[method-assign]
+    real_writes = UserBatch._writes
+    UserBatch._writes = explode  # type: ignore[method-assign,assignment]
     try:
         with pytest.raises(Boom):
             engine.apply_pending((PHONE, USER))
     finally:
-        engine_module._UserBatch._write = real_write  # type: ignore[method-assign]
+        UserBatch._writes = real_writes  # type: ignore[method-assign]
     assert original is engine.__class__.apply_pending
     assert session_row(db) is None
     assert engine.pending_count() == 1

@@ -1,0 +1,152 @@
+"""PostgreSQL's apply path: the same user batch (core.batch) in two round trips, with psycopg's pipeline mode.
+
+One statement per round trip (BEGIN, insert-if-missing, lock, read pending, update, three inserts, COMMIT)
+made the waits cost more than the work. In pipeline mode the client queues statements and the server still
+runs them one after the other, each with its own snapshot, so the semantics are those of the Core path:
+1. insert-if-missing, SELECT ... FOR UPDATE, read pending — one round trip; the pending read starts only
+   once the lock is held, so it sees every message committed before;
+2. decide in Python;
+3. every write and COMMIT — one round trip.
+A number change (rare, reads and moves rows mid-batch) and the sweeper's SKIP LOCKED pass use the Core path.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any, cast
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from sqlalchemy import JSON, Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.dml import Insert
+from sqlalchemy.sql.expression import ClauseElement
+
+from core import metrics
+from core.batch import ApplyResult, Pending, SessionKey, Statements, UserBatch, statements
+from core.db import first_line
+from core.errors import DatabaseUnavailableError
+from core.messages import InboundMessage
+
+if TYPE_CHECKING:
+    from core.engine import Engine
+
+
+class _Compiled:
+    """A statement compiled once to psycopg's text; JSON parameters are wrapped for psycopg on the way."""
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect, column_keys: list[str] | None = None) -> None:
+        if isinstance(statement, Insert):
+            statement = statement.inline()  # no RETURNING of generated keys nobody reads
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=column_keys))
+        self.sql = str(compiled)
+        self.json = tuple(name for name, bind in compiled.binds.items() if isinstance(bind.type, JSON))
+        # Values fixed in the statement itself (a JSON key, LIMIT 1) travel as parameters too.
+        self.fixed = {compiled.bind_names[b]: b.value for b in compiled.binds.values() if not b.required}
+
+    def params(self, values: dict[str, Any]) -> dict[str, Any]:
+        if not self.json and not self.fixed:
+            return values
+        wrapped = {**self.fixed, **values}
+        for name in self.json:
+            if wrapped.get(name) is not None:
+                wrapped[name] = Jsonb(wrapped[name])
+        return wrapped
+
+
+class _PgStatements:
+    """`Statements` for PostgreSQL, compiled per parameter shape on first use."""
+
+    def __init__(self, dialect: Dialect) -> None:
+        self.dialect = dialect
+        self.source: Statements = statements("postgresql")
+        self.cache: dict[tuple[str, tuple[str, ...]], _Compiled] = {}
+
+    def get(self, name: str, params: dict[str, Any]) -> _Compiled:
+        shape = (name, tuple(params))
+        compiled = self.cache.get(shape)
+        if compiled is None:
+            statement = getattr(self.source, name)
+            # An INSERT's columns are the parameters given; other statements name their own bind parameters.
+            keys = list(params) if isinstance(statement, Insert) else None
+            compiled = self.cache[shape] = _Compiled(statement, self.dialect, keys)
+        return compiled
+
+
+_COMPILED: dict[int, _PgStatements] = {}
+
+
+class _CorePathNeeded(Exception):
+    """Raised before any write when the batch needs the Core path (a number change)."""
+
+
+class PipelinedBatch(UserBatch):
+    def __init__(
+        self, engine: Engine, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline, key: SessionKey,
+        now: datetime,
+    ) -> None:
+        super().__init__(engine, key, now)
+        self.conn = conn
+        self.pipeline = pipeline
+        dialect = engine.db.engine.dialect
+        self.sql = _COMPILED.get(id(dialect)) or _COMPILED.setdefault(id(dialect), _PgStatements(dialect))
+
+    def _execute(self, cursor: psycopg.Cursor[Any], name: str, params: dict[str, Any]) -> None:
+        statement = self.sql.get(name, params)
+        cursor.execute(statement.sql, statement.params(params))
+
+    def _load(self, limit: int, *, skip_locked: bool) -> tuple[dict[str, Any] | None, list[Pending]] | None:
+        # The sweeper (skip_locked) and the naive control (no lock) take the Core path.
+        assert not skip_locked
+        assert self.engine.lock_sessions
+        params = self._params()
+        self._execute(self.conn.cursor(), "insert_session", self._new_session_row())
+        session = self.conn.cursor(row_factory=dict_row)
+        self._execute(session, "lock_session", params)
+        pending = self.conn.cursor()
+        self._execute(pending, "pending", {**params, "k_limit": limit})
+        started = time.perf_counter()
+        self.pipeline.sync()
+        # The wait includes the three statements' round trip: an upper bound of the lock wait.
+        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+        row = session.fetchone()
+        assert row is not None, "the session row was inserted or locked just before"
+        for column, value in row.items():
+            if isinstance(value, datetime):
+                row[column] = value.astimezone(UTC)  # as the Core path's UTCDateTime hands them back
+        return row, [Pending(i, InboundMessage.model_validate(m), step) for i, m, step in pending.fetchall()]
+
+    def _move_to(self, new_user_id: str) -> str:
+        raise _CorePathNeeded
+
+    def _write(self, original_version: int) -> None:
+        cursor = self.conn.cursor()
+        for name, rows in self._writes(original_version):
+            for params in rows:
+                self._execute(cursor, name, params)
+
+
+def apply_pipelined(engine: Engine, key: SessionKey, now: datetime) -> ApplyResult | None:
+    """Apply one user's pending batch in one pipelined transaction; None when it must take the Core path."""
+    raw = engine.db.engine.raw_connection()
+    try:
+        conn = cast(psycopg.Connection[Any], raw.driver_connection)
+        try:
+            with conn.pipeline() as pipeline:
+                result = PipelinedBatch(engine, conn, pipeline, key, now).run(skip_locked=False)
+                conn.commit()
+            return result
+        except BaseException:
+            if not conn.closed and not conn.broken:
+                conn.rollback()
+            raise
+    except _CorePathNeeded:
+        return None
+    except psycopg.Error as e:
+        if conn.closed or conn.broken:
+            raw.invalidate(e)
+        raise DatabaseUnavailableError(f"cannot apply messages of {key}: {first_line(e)}") from e
+    finally:
+        raw.close()
