@@ -25,7 +25,7 @@ from core.errors import DatabaseUnavailableError
 from core.flows import FlowRegistry, default_flows_dir, load_flows
 from core.messages import InboundMessage
 from core.models import InboundEvent
-from core.pipelined import apply_pipelined
+from core.pipelined import apply_pipelined, store_events
 
 __all__ = ["ApplyResult", "Engine", "IngestResult", "SessionKey"]
 
@@ -67,29 +67,11 @@ class Engine:
             unique.setdefault((message.phone_number_id, message.wamid), message)
         if not unique:
             return IngestResult(0, len(messages), [])
-        rows = [
-            {
-                "phone_number_id": m.phone_number_id,
-                "wamid": m.wamid,
-                "user_id": m.user_id,
-                "timestamp": m.timestamp,
-                "kind": m.kind,
-                "message": m.model_dump(mode="json"),
-                "received_at": now,
-            }
-            for m in unique.values()
-        ]
         try:
-            with self.db.single_statement() as conn:
-                stmt = (
-                    insert_for(conn.dialect.name)(InboundEvent)
-                    .on_conflict_do_nothing(index_elements=["phone_number_id", "wamid"])
-                    .returning(InboundEvent.phone_number_id, InboundEvent.wamid)
-                )
-                # Rows as parameters, not .values(rows): the statement's compiled form is then cached
-                # (a multi-row VALUES is compiled again on every request), and SQLAlchemy still sends one
-                # multi-row INSERT per 1000 rows ("insertmanyvalues").
-                stored = {(r.phone_number_id, r.wamid) for r in conn.execute(stmt, rows)}
+            if self.db.is_postgres:
+                stored = store_events(self, list(unique.values()), now)
+            else:
+                stored = self._store_events(list(unique.values()), now)
         except (OperationalError, DBAPIError) as e:
             raise DatabaseUnavailableError(f"cannot store messages: {first_line(e)}") from e
         keys: dict[SessionKey, None] = {}
@@ -100,6 +82,30 @@ class Engine:
         metrics.MESSAGES_STORED.inc(len(stored))
         metrics.DUPLICATES_DROPPED.inc(duplicates)
         return IngestResult(len(stored), duplicates, list(keys))
+
+    def _store_events(self, messages: list[InboundMessage], now: datetime) -> set[tuple[str, str]]:
+        rows = [
+            {
+                "phone_number_id": m.phone_number_id,
+                "wamid": m.wamid,
+                "user_id": m.user_id,
+                "timestamp": m.timestamp,
+                "kind": m.kind,
+                "message": m.model_dump(mode="json"),
+                "received_at": now,
+            }
+            for m in messages
+        ]
+        with self.db.single_statement() as conn:
+            stmt = (
+                insert_for(conn.dialect.name)(InboundEvent)
+                .on_conflict_do_nothing(index_elements=["phone_number_id", "wamid"])
+                .returning(InboundEvent.phone_number_id, InboundEvent.wamid)
+            )
+            # Rows as parameters, not .values(rows): the statement's compiled form is then cached
+            # (a multi-row VALUES is compiled again on every request), and SQLAlchemy still sends one
+            # multi-row INSERT per 1000 rows ("insertmanyvalues").
+            return {(r.phone_number_id, r.wamid) for r in conn.execute(stmt, rows)}
 
     # ------------------------------------------------------------------------------------------ apply
     def apply_pending(

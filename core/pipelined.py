@@ -1,4 +1,9 @@
-"""PostgreSQL's apply path: the same user batch (core.batch) in two round trips, with psycopg's pipeline mode.
+"""PostgreSQL's hot paths on psycopg directly: storing inbound messages, and applying a user's batch.
+
+Storing is one fixed-shape statement (rows as arrays, so it is prepared once whatever the batch size) in
+autocommit: one round trip, a quarter of the client CPU SQLAlchemy's insertmanyvalues spent on it.
+
+Applying runs the same user batch as core.batch, in two round trips with psycopg's pipeline mode.
 
 One statement per round trip (BEGIN, insert-if-missing, lock, read pending, update, three inserts, COMMIT)
 made the waits cost more than the work. In pipeline mode the client queues statements and the server still
@@ -6,7 +11,7 @@ runs them one after the other, each with its own snapshot, so the semantics are 
 1. insert-if-missing, SELECT ... FOR UPDATE, read pending — one round trip; the pending read starts only
    once the lock is held, so it sees every message committed before;
 2. decide in Python;
-3. every write and COMMIT — one round trip.
+3. every write (one statement, see `_PgStatements.write`) and COMMIT — one round trip.
 A number change (rare, reads and moves rows mid-batch) and the sweeper's SKIP LOCKED pass use the Core path.
 """
 
@@ -19,13 +24,15 @@ from typing import TYPE_CHECKING, Any, cast
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from sqlalchemy import JSON, Dialect
+from sqlalchemy import JSON, Dialect, Table
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.expression import ClauseElement
 
 from core import metrics
-from core.batch import ApplyResult, Pending, SessionKey, Statements, UserBatch, statements
+from core.batch import OUTBOX, TRANSITIONS, ApplyResult, Pending, SessionKey, Statements, UserBatch, statements
 from core.db import first_line
 from core.errors import DatabaseUnavailableError
 from core.messages import InboundMessage
@@ -63,6 +70,7 @@ class _PgStatements:
         self.dialect = dialect
         self.source: Statements = statements("postgresql")
         self.cache: dict[tuple[str, tuple[str, ...]], _Compiled] = {}
+        self.writes: dict[object, str] = {}
 
     def get(self, name: str, params: dict[str, Any]) -> _Compiled:
         shape = (name, tuple(params))
@@ -73,6 +81,55 @@ class _PgStatements:
             keys = list(params) if isinstance(statement, Insert) else None
             compiled = self.cache[shape] = _Compiled(statement, self.dialect, keys)
         return compiled
+
+
+    def write(self, writes: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
+        """All of a batch's writes as one statement: rows travel as one array per column (unnest), so the
+        text depends only on which kinds of write there are, and is prepared once per shape."""
+        state = next((name for name in ("update_session", "delete_blank") if name in writes), None)
+        inserts = {name: tuple(writes[name][0]) for name in _ARRAY_INSERTS if writes.get(name)}
+        marks = bool(writes.get("mark_event"))
+        shape = (state, tuple(inserts.items()), marks)
+        sql = self.writes.get(shape)
+        params: dict[str, Any] = {}
+        ctes = []
+        for name, columns in inserts.items():
+            table, prefix, suffix = _ARRAY_INSERTS[name]
+            for column in columns:
+                values = [row[column] for row in writes[name]]
+                params[f"{prefix}{column}"] = [Jsonb(v) for v in values] if column in _JSON_COLUMNS else values
+            if sql is None:
+                arrays = ", ".join(f"%({prefix}{c})s::{_array_type(table, c, self.dialect)}" for c in columns)
+                ctes.append(f"{prefix}rows AS (INSERT INTO {table.name} ({', '.join(columns)}) "
+                            f"SELECT * FROM unnest({arrays}){suffix})")
+        if marks:
+            rows = writes["mark_event"]
+            params.update(e_at=rows[0]["e_at"], e_id=[r["e_id"] for r in rows], e_result=[r["e_result"] for r in rows])
+            if sql is None:
+                ctes.append(
+                    "marks AS (UPDATE inbound_events SET processed_at = %(e_at)s, result = m.result "
+                    "FROM unnest(%(e_id)s::bigint[], %(e_result)s::varchar[]) AS m(id, result) "
+                    "WHERE inbound_events.id = m.id AND inbound_events.processed_at IS NULL)"
+                )
+        if state is not None:
+            compiled = self.get(state, writes[state][0])
+            params.update(compiled.params(writes[state][0]))
+        if sql is None:
+            main = compiled.sql if state is not None else "SELECT 1"
+            sql = self.writes[shape] = (f"WITH {', '.join(ctes)} " if ctes else "") + main
+        return sql, params
+
+
+# Inserts whose rows go as arrays: (table, parameter prefix, conflict clause).
+_ARRAY_INSERTS = {
+    "insert_transition": (TRANSITIONS, "t_", ""),
+    "insert_outbox": (OUTBOX, "o_", " ON CONFLICT (idempotency_key) DO NOTHING"),
+}
+_JSON_COLUMNS = frozenset(c.name for t in (TRANSITIONS, OUTBOX) for c in t.columns if isinstance(c.type, JSON))
+
+
+def _array_type(table: Table, column: str, dialect: Dialect) -> str:
+    return f"{table.c[column].type.compile(dialect=dialect)}[]"
 
 
 _COMPILED: dict[int, _PgStatements] = {}
@@ -122,15 +179,13 @@ class PipelinedBatch(UserBatch):
         raise _CorePathNeeded
 
     def _write(self, original_version: int) -> None:
-        cursor = self.conn.cursor()
-        for name, rows in self._writes(original_version):
-            for params in rows:
-                self._execute(cursor, name, params)
+        sql, params = self.sql.write(dict(self._writes(original_version)))
+        self.conn.execute(sql, params)
 
 
 def apply_pipelined(engine: Engine, key: SessionKey, now: datetime) -> ApplyResult | None:
     """Apply one user's pending batch in one pipelined transaction; None when it must take the Core path."""
-    raw = engine.db.engine.raw_connection()
+    raw = _connection(engine, f"cannot apply messages of {key}")
     try:
         conn = cast(psycopg.Connection[Any], raw.driver_connection)
         try:
@@ -150,3 +205,47 @@ def apply_pipelined(engine: Engine, key: SessionKey, now: datetime) -> ApplyResu
         raise DatabaseUnavailableError(f"cannot apply messages of {key}: {first_line(e)}") from e
     finally:
         raw.close()
+
+
+_STORE_EVENTS = """
+INSERT INTO inbound_events (phone_number_id, wamid, user_id, timestamp, kind, message, received_at)
+SELECT * FROM unnest(%s::varchar[], %s::varchar[], %s::varchar[], %s::bigint[], %s::varchar[], %s::text[]::jsonb[],
+                     %s::timestamptz[])
+ON CONFLICT (phone_number_id, wamid) DO NOTHING
+RETURNING phone_number_id, wamid
+"""
+
+
+def store_events(engine: Engine, messages: list[InboundMessage], now: datetime) -> set[tuple[str, str]]:
+    """Insert inbound events (unique per batch) and return the (phone_number_id, wamid) of those that were new."""
+    arrays = [
+        [m.phone_number_id for m in messages],
+        [m.wamid for m in messages],
+        [m.user_id for m in messages],
+        [m.timestamp for m in messages],
+        [m.kind for m in messages],
+        [m.model_dump_json() for m in messages],  # serialized by pydantic's core: no dict round trip
+        [now] * len(messages),
+    ]
+    raw = _connection(engine, "cannot store messages")
+    try:
+        conn = cast(psycopg.Connection[Any], raw.driver_connection)
+        conn.autocommit = True  # one statement, atomic on its own: no BEGIN/COMMIT round trips
+        try:
+            return {(phone, wamid) for phone, wamid in conn.execute(_STORE_EVENTS, arrays).fetchall()}
+        finally:
+            if not conn.closed:
+                conn.autocommit = False
+    except psycopg.Error as e:
+        if conn.closed or conn.broken:
+            raw.invalidate(e)
+        raise DatabaseUnavailableError(f"cannot store messages: {first_line(e)}") from e
+    finally:
+        raw.close()
+
+
+def _connection(engine: Engine, doing: str) -> PoolProxiedConnection:
+    try:
+        return engine.db.engine.raw_connection()
+    except (psycopg.Error, DBAPIError) as e:
+        raise DatabaseUnavailableError(f"{doing}: {first_line(e)}") from e
