@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -67,6 +68,9 @@ class WebhookService:
         self.engine = engine
         self.stats = RequestStats(db)
         self.worker = ApplyWorker(engine, threads=settings.apply_threads) if background else None
+        # Requests store through at most as many threads as the pool has connections left beside the apply
+        # threads: more would open and close overflow connections (a new PostgreSQL backend each) under load.
+        self.store_slots = anyio.CapacityLimiter(max(1, settings.db_pool_size - settings.apply_threads))
         interval = settings.pending_sweep_interval_seconds
         self.periodic = [
             Periodic("sweeper", interval, lambda: sweep(engine, timedelta(seconds=interval))),
@@ -93,6 +97,11 @@ class WebhookService:
     def count(self, result: str, n: int = 1) -> None:
         metrics.WEBHOOK_REQUESTS.labels(result).inc(n)
         self.stats.add(result, n)
+
+    def parse_and_store(self, raw: bytes) -> tuple[ParsedWebhook, IngestResult | None]:
+        """Parse, then store what is relevant: one trip to a worker thread per request, not two."""
+        parsed = parse_webhook(raw)
+        return parsed, (self.store(parsed) if parsed.relevant else None)
 
     def store(self, parsed: ParsedWebhook) -> IngestResult:
         """Durably store messages and statuses; only then may the request be answered 200."""
@@ -171,16 +180,16 @@ async def receive(request: Request) -> Response:
         service.count("rejected_signature")
         return _error(401, "missing or invalid X-Hub-Signature-256")
     try:
-        parsed = await run_in_threadpool(parse_webhook, raw)
+        parsed, stored = await anyio.to_thread.run_sync(service.parse_and_store, raw, limiter=service.store_slots)
     except PayloadError as e:
         service.count("rejected_payload")
         return _error(400, str(e))
     for note in parsed.notes:
         log.info("webhook: %s", note)
-    if not parsed.relevant:
+    if stored is None:
         service.count("ignored_object")
         return JSONResponse({"status": "ignored", "object": parsed.object})
-    result = await run_in_threadpool(service.store, parsed)
+    result = stored
     service.count("accepted")
     if result.duplicates:
         service.count("duplicate", result.duplicates)
