@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
@@ -35,6 +36,7 @@ from core.worker import ApplyWorker, Periodic, RequestStats, sweep
 log = logging.getLogger(__name__)
 
 STATS_FLUSH_SECONDS = 5.0
+GIL_SWITCH_SECONDS = 0.0005
 
 
 class BodyTooLarge(Exception):
@@ -125,6 +127,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The apply threads are CPU-bound Python between round trips; with the default 5 ms GIL switch
+        # interval the event loop waited that long behind them to answer a request.
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
         db = Database(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
         ensure_schema(db)
         service = WebhookService(settings, db, Engine(db, flows, settings), background=background)
