@@ -130,9 +130,16 @@ class UserBatch:
         self.outbox: list[dict[str, Any]] = []
         self.results: dict[str, list[int]] = {}
 
+    @property
+    def limit(self) -> int:
+        return self.engine.settings.apply_batch_limit
+
     def run(self, *, skip_locked: bool) -> ApplyResult:
-        limit = self.engine.settings.apply_batch_limit
-        loaded = self._load(limit + 1, skip_locked=skip_locked)
+        return self.finish(self._load(self.limit + 1, skip_locked=skip_locked))
+
+    def finish(self, loaded: tuple[dict[str, Any] | None, list[Pending]] | None) -> ApplyResult:
+        """Decide on what `_load` read (one more message than the limit, to tell whether more remain)."""
+        limit = self.limit
         if loaded is None:
             return ApplyResult(skipped_locked=True)
         row, pending = loaded

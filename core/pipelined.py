@@ -155,21 +155,33 @@ class PipelinedBatch(UserBatch):
         cursor.execute(statement.sql, statement.params(params))
 
     def _load(self, limit: int, *, skip_locked: bool) -> tuple[dict[str, Any] | None, list[Pending]] | None:
-        # The sweeper (skip_locked) and the naive control (no lock) take the Core path.
-        assert not skip_locked
-        assert self.engine.lock_sessions
-        params = self._params()
-        self._execute(self.conn.cursor(), "insert_session", self._new_session_row())
-        session = self.conn.cursor(row_factory=dict_row)
-        self._execute(session, "lock_session", params)
-        pending = self.conn.cursor()
-        self._execute(pending, "pending", {**params, "k_limit": limit})
+        reads = self.queue_reads(limit, skip_locked=skip_locked)
         started = time.perf_counter()
         self.pipeline.sync()
         # The wait includes the three statements' round trip: an upper bound of the lock wait.
         metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+        return self.collect(reads)
+
+    def queue_reads(self, limit: int, *, skip_locked: bool) -> tuple[psycopg.Cursor[Any], psycopg.Cursor[Any]]:
+        """Queue insert-if-missing, the lock and the pending read; results come after the next sync."""
+        assert self.engine.lock_sessions  # the naive control takes the Core path
+        params = self._params()
+        self._execute(self.conn.cursor(), "insert_session", self._new_session_row())
+        session = self.conn.cursor(row_factory=dict_row)
+        self._execute(session, "lock_session_or_skip" if skip_locked else "lock_session", params)
+        pending = self.conn.cursor()
+        self._execute(pending, "pending", {**params, "k_limit": limit})
+        return session, pending
+
+    def collect(
+        self, reads: tuple[psycopg.Cursor[Any], psycopg.Cursor[Any]]
+    ) -> tuple[dict[str, Any] | None, list[Pending]] | None:
+        session, pending = reads
         row = session.fetchone()
-        assert row is not None, "the session row was inserted or locked just before"
+        if row is None:
+            # Locked by another applier (SKIP LOCKED): the pending read ran anyway; its rows are not ours.
+            pending.fetchall()
+            return None
         for column, value in row.items():
             if isinstance(value, datetime):
                 row[column] = value.astimezone(UTC)  # as the Core path's UTCDateTime hands them back
@@ -203,6 +215,40 @@ def apply_pipelined(engine: Engine, key: SessionKey, now: datetime) -> ApplyResu
         if conn.closed or conn.broken:
             raw.invalidate(e)
         raise DatabaseUnavailableError(f"cannot apply messages of {key}: {first_line(e)}") from e
+    finally:
+        raw.close()
+
+
+def apply_pipelined_together(
+    engine: Engine, keys: list[SessionKey], now: datetime
+) -> dict[SessionKey, ApplyResult] | None:
+    """Apply several users' pending batches in one transaction: every user's reads in one round trip, every
+    write and COMMIT in another. Sessions are locked in key order with SKIP LOCKED, so two appliers never
+    deadlock and a user held elsewhere comes back `skipped_locked`. None when one of them needs the Core
+    path (a number change): nothing was written."""
+    raw = _connection(engine, f"cannot apply messages of {len(keys)} users")
+    try:
+        conn = cast(psycopg.Connection[Any], raw.driver_connection)
+        try:
+            with conn.pipeline() as pipeline:
+                batches = [PipelinedBatch(engine, conn, pipeline, key, now) for key in sorted(set(keys))]
+                reads = [batch.queue_reads(batch.limit + 1, skip_locked=True) for batch in batches]
+                started = time.perf_counter()
+                pipeline.sync()
+                metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+                results = {batch.key: batch.finish(batch.collect(r)) for batch, r in zip(batches, reads, strict=True)}
+                conn.commit()
+            return results
+        except BaseException:
+            if not conn.closed and not conn.broken:
+                conn.rollback()
+            raise
+    except _CorePathNeeded:
+        return None
+    except psycopg.Error as e:
+        if conn.closed or conn.broken:
+            raw.invalidate(e)
+        raise DatabaseUnavailableError(f"cannot apply messages of {len(keys)} users: {first_line(e)}") from e
     finally:
         raw.close()
 

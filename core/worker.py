@@ -22,8 +22,9 @@ class ApplyWorker:
     """Applies users' pending messages right after the webhook stored them. Losing this queue loses
     nothing: the messages are durable and the sweeper applies whatever is still pending."""
 
-    def __init__(self, engine: Engine, threads: int = 2) -> None:
+    def __init__(self, engine: Engine, threads: int = 2, batch_users: int = 32) -> None:
         self.engine = engine
+        self.batch_users = batch_users
         self.queue: queue.Queue[SessionKey | None] = queue.Queue()
         # Keys waiting in the queue: a user's burst queues one apply, not one per POST.
         self.queued: set[SessionKey] = set()
@@ -49,19 +50,43 @@ class ApplyWorker:
 
     def _run(self) -> None:
         while True:
-            key = self.queue.get()
-            if key is None:
+            keys = self._take()
+            if not keys:
                 return
-            # Forget the key before applying: a message stored from now on queues the user again, and one
+            # Forget the keys before applying: a message stored from now on queues the user again, and one
             # stored before was committed before this apply reads the pending messages.
             with self.lock:
-                self.queued.discard(key)
+                self.queued.difference_update(keys)
+            # Under load the queue holds many users: they are applied together (one transaction, two round
+            # trips); whoever that leaves (locked elsewhere, more pending, errors) goes one by one.
             try:
-                self.engine.apply_all(key)
-            except WaflowError as e:
-                log.warning("apply of %s deferred to the sweeper: %s", key, e)
+                rest = self.engine.apply_together(keys)
             except Exception:
-                log.exception("apply of %s failed; it stays pending for the sweeper", key)
+                rest = keys
+            for key in rest:
+                try:
+                    self.engine.apply_all(key)
+                except WaflowError as e:
+                    log.warning("apply of %s deferred to the sweeper: %s", key, e)
+                except Exception:
+                    log.exception("apply of %s failed; it stays pending for the sweeper", key)
+
+    def _take(self) -> list[SessionKey]:
+        """The next key (waiting for one) and whatever else is queued, up to `batch_users`; [] to stop."""
+        first = self.queue.get()
+        if first is None:
+            return []
+        keys = [first]
+        while len(keys) < self.batch_users:
+            try:
+                key = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if key is None:
+                self.queue.put(None)  # a stop request: this thread stops after this batch
+                break
+            keys.append(key)
+        return keys
 
 
 class Periodic:

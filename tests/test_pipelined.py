@@ -19,12 +19,13 @@ from core.flows import load_flows
 from core.messages import InboundMessage
 from core.models import ChatSession, InboundEvent, Outbox, Transition
 from tests.conftest import make_settings
-from tests.factories import BASE_TS, PHONE_2, button, of_kind, text
+from tests.factories import BASE_TS, PHONE, PHONE_2, button, of_kind, text
 
 LEAD = "14155550101"
 BOOKER = "14155550102"
 BATCHER = "34600000003"  # a Spanish number: LANGUAGE_BY_PREFIX starts it in Spanish
 MOVER = "14155550104"
+NEWCOMER = "14155550105"
 
 
 def _conversations() -> list[list[InboundMessage]]:
@@ -45,6 +46,10 @@ def _conversations() -> list[list[InboundMessage]]:
         [text(MOVER, "hi", BASE_TS + 50)],
         [of_kind(MOVER, "system", BASE_TS + 51, new_user_id="14155550999")],
         [text("14155550999", "Moe", BASE_TS + 52)],
+        # One POST for several users (applied together on PostgreSQL), one of them with two messages.
+        [text(LEAD, "Sevilla", BASE_TS + 60), button(BOOKER, "2026-12-02", BASE_TS + 61, phone=PHONE_2),
+         text(BATCHER, "Bea", BASE_TS + 62), text(BATCHER, "bea@example.com", BASE_TS + 63),
+         text(NEWCOMER, "hi", BASE_TS + 64)],
     ]
 
 
@@ -53,7 +58,7 @@ def _run(url: str, flows_dir: Path, deliveries: list[list[InboundMessage]]) -> d
     db = Database(url)
     engine = Engine(db, load_flows(flows_dir), settings)
     for delivery in deliveries:
-        for key in engine.ingest(delivery).session_keys:
+        for key in engine.apply_together(engine.ingest(delivery).session_keys):
             engine.apply_all(key)
         with db.begin() as conn:  # the sender recorded the wamid of the first service prompt
             conn.execute(
@@ -83,27 +88,77 @@ def test_pipelined_path_writes_what_the_core_path_writes(
     sqlite_url: str, pg_url: str, flows_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     taken: list[ApplyResult | None] = []
-    real = engine_module.apply_pipelined
+    together: list[dict[Any, ApplyResult] | None] = []
+    real, real_together = engine_module.apply_pipelined, engine_module.apply_pipelined_together
 
     def spy(*args: Any) -> ApplyResult | None:
         result = real(*args)
         taken.append(result)
         return result
 
+    def spy_together(*args: Any) -> dict[Any, ApplyResult] | None:
+        results = real_together(*args)
+        together.append(results)
+        return results
+
     monkeypatch.setattr(engine_module, "apply_pipelined", spy)
+    monkeypatch.setattr(engine_module, "apply_pipelined_together", spy_together)
     deliveries = _conversations()
     core_rows = _run(sqlite_url, flows_dir, deliveries)
     assert taken == []  # SQLite never pipelines
+    assert together == []
     pipelined_rows = _run(pg_url, flows_dir, deliveries)
     assert sum(r is not None and r.applied > 0 for r in taken) >= 10  # the pipelined path did the work...
     assert None in taken  # ...and handed the number change to the Core path
+    # The last POST's four users went through one joint transaction: 5 messages applied.
+    assert len(together) == 1
+    assert together[0] is not None
+    assert sum(r.applied for r in together[0].values()) == 5
     for table, expected in core_rows.items():
         assert pipelined_rows[table] == expected, table
     sessions = {row[1]: row for row in core_rows["sessions"]}
-    assert set(sessions) == {LEAD, BOOKER, BATCHER, "14155550999"}  # the mover's session moved
-    assert len(core_rows["transitions"]) == 13
+    assert set(sessions) == {LEAD, BOOKER, BATCHER, NEWCOMER, "14155550999"}  # the mover's session moved
+    assert len(core_rows["transitions"]) == 18
     # The tap on the old service button was answered as stale (its step came with the pending message).
     booker = [(t[4], t[5], t[6]) for t in core_rows["transitions"] if t[1] == BOOKER]
     assert sorted(booker, key=str) == sorted(
         [(None, "choose_service", "started"), ("choose_service", "choose_date", "advanced"),
-         ("choose_date", "choose_date", "stale")], key=str)
+         ("choose_date", "choose_date", "stale"), ("choose_date", "choose_time", "advanced")], key=str)
+
+
+def _pg_engine(pg_url: str, flows_dir: Path) -> tuple[Database, Engine]:
+    db = Database(pg_url)
+    return db, Engine(db, load_flows(flows_dir), make_settings(pg_url, flows_dir))
+
+
+def test_joint_apply_skips_a_user_locked_elsewhere(pg_url: str, flows_dir: Path) -> None:
+    db, engine = _pg_engine(pg_url, flows_dir)
+    for user in (LEAD, BOOKER):
+        engine.apply_all(engine.ingest([text(user, "hi", BASE_TS)]).session_keys[0])
+    keys = engine.ingest([text(LEAD, "Ana", BASE_TS + 5), text(BOOKER, "Bo", BASE_TS + 6)]).session_keys
+    with db.begin() as conn:  # another applier holds BOOKER's session
+        conn.execute(select(ChatSession).where(ChatSession.user_id == BOOKER).with_for_update())
+        assert engine.apply_together(keys) == [(PHONE, BOOKER)]
+    assert engine.pending_count() == 1
+    assert engine.apply_all((PHONE, BOOKER)) == 1
+    with db.begin() as conn:
+        steps = dict(conn.execute(select(ChatSession.user_id, ChatSession.current_step)).all())
+    assert steps == {LEAD: "ask_email", BOOKER: "ask_email"}
+    db.dispose()
+
+
+def test_joint_apply_with_a_number_change_writes_nothing_and_hands_back_every_user(
+    pg_url: str, flows_dir: Path
+) -> None:
+    db, engine = _pg_engine(pg_url, flows_dir)
+    for user in (LEAD, MOVER):
+        engine.apply_all(engine.ingest([text(user, "hi", BASE_TS)]).session_keys[0])
+    keys = engine.ingest([text(LEAD, "Ana", BASE_TS + 5),
+                          of_kind(MOVER, "system", BASE_TS + 6, new_user_id="14155550999")]).session_keys
+    assert sorted(engine.apply_together(keys)) == sorted(keys)
+    assert engine.pending_count() == 2  # nothing applied: the joint transaction was rolled back
+    assert sum(engine.apply_all(key) for key in keys) == 2
+    with db.begin() as conn:
+        users = set(conn.execute(select(ChatSession.user_id)).scalars())
+    assert users == {LEAD, "14155550999"}
+    db.dispose()
