@@ -17,6 +17,7 @@ A number change (rare, reads and moves rows mid-batch) and the sweeper's SKIP LO
 
 from __future__ import annotations
 
+import json
 import time
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
@@ -24,7 +25,7 @@ from typing import TYPE_CHECKING, Any, cast
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from sqlalchemy import JSON, Dialect, Table
+from sqlalchemy import JSON, Dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.compiler import SQLCompiler
@@ -84,24 +85,24 @@ class _PgStatements:
 
 
     def write(self, writes: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
-        """All of a batch's writes as one statement: rows travel as one array per column (unnest), so the
-        text depends only on which kinds of write there are, and is prepared once per shape."""
+        """All of a batch's writes as one statement: inserted rows travel as one JSON document per table
+        (jsonb_to_recordset; dumping a JSON string costs the client a fraction of one array per column), so
+        the text depends only on which kinds of write there are, and is prepared once per shape."""
         state = next((name for name in ("update_session", "delete_blank") if name in writes), None)
-        inserts = {name: tuple(writes[name][0]) for name in _ARRAY_INSERTS if writes.get(name)}
+        inserts = {name: tuple(writes[name][0]) for name in _JSON_INSERTS if writes.get(name)}
         marks = bool(writes.get("mark_event"))
         shape = (state, tuple(inserts.items()), marks)
         sql = self.writes.get(shape)
         params: dict[str, Any] = {}
         ctes = []
         for name, columns in inserts.items():
-            table, prefix, suffix = _ARRAY_INSERTS[name]
-            for column in columns:
-                values = [row[column] for row in writes[name]]
-                params[f"{prefix}{column}"] = [Jsonb(v) for v in values] if column in _JSON_COLUMNS else values
+            table, prefix, suffix = _JSON_INSERTS[name]
+            params[f"{prefix}rows"] = json.dumps(writes[name], default=_json_default)
             if sql is None:
-                arrays = ", ".join(f"%({prefix}{c})s::{_array_type(table, c, self.dialect)}" for c in columns)
-                ctes.append(f"{prefix}rows AS (INSERT INTO {table.name} ({', '.join(columns)}) "
-                            f"SELECT * FROM unnest({arrays}){suffix})")
+                names = ", ".join(columns)
+                types = ", ".join(f"{c} {table.c[c].type.compile(dialect=self.dialect)}" for c in columns)
+                ctes.append(f"{prefix}rows AS (INSERT INTO {table.name} ({names}) SELECT {names} "
+                            f"FROM jsonb_to_recordset(%({prefix}rows)s::jsonb) AS r({types}){suffix})")
         if marks:
             rows = writes["mark_event"]
             params.update(e_at=rows[0]["e_at"], e_id=[r["e_id"] for r in rows], e_result=[r["e_result"] for r in rows])
@@ -120,16 +121,17 @@ class _PgStatements:
         return sql, params
 
 
-# Inserts whose rows go as arrays: (table, parameter prefix, conflict clause).
-_ARRAY_INSERTS = {
+# Inserts whose rows go as one JSON document: (table, parameter prefix, conflict clause).
+_JSON_INSERTS = {
     "insert_transition": (TRANSITIONS, "t_", ""),
     "insert_outbox": (OUTBOX, "o_", " ON CONFLICT (idempotency_key) DO NOTHING"),
 }
-_JSON_COLUMNS = frozenset(c.name for t in (TRANSITIONS, OUTBOX) for c in t.columns if isinstance(c.type, JSON))
 
 
-def _array_type(table: Table, column: str, dialect: Dialect) -> str:
-    return f"{table.c[column].type.compile(dialect=dialect)}[]"
+def _json_default(value: object) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()  # aware UTC: timestamptz reads the offset
+    raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
 _COMPILED: dict[int, _PgStatements] = {}
