@@ -7,8 +7,9 @@ import hmac
 from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
+from core import metrics
 from core.errors import DatabaseUnavailableError
 from core.views import outbound_view, session_view
 
@@ -33,7 +34,7 @@ async def prometheus_metrics(request: Request) -> Response:
         await run_in_threadpool(service.refresh_gauges)
     except DatabaseUnavailableError:
         pass  # the process metrics are still worth serving while the database is down
-    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
 def require_admin(request: Request) -> None:

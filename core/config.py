@@ -76,6 +76,9 @@ class Settings(BaseSettings):
 
     # Webhook server: threads applying stored messages, and how often the in-process sweeper runs.
     apply_threads: int = 2
+    # `python -m jobs` serves Prometheus metrics (sender results, errors, latency, job runs) on this port; 0: off.
+    jobs_metrics_port: int = 0
+    jobs_metrics_host: str = "127.0.0.1"
     pending_sweep_interval_seconds: float = 5.0
 
     # Dashboard sign-in. DASHBOARD_USERS: "name:role:pbkdf2_sha256$iterations$salt$hash,..." (role admin|viewer);

@@ -1,15 +1,27 @@
-"""Prometheus metrics shared by the webhook, the engine and the jobs (exposed on GET /metrics)."""
+"""Prometheus metrics shared by the webhook, the engine and the jobs.
+
+The webhook serves them on GET /metrics, `python -m jobs` on JOBS_METRICS_PORT. With several webhook worker
+processes (`serve --workers N`) every process writes its values under PROMETHEUS_MULTIPROC_DIR and /metrics
+sums them, so a scrape answered by any worker shows the whole server.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 WEBHOOK_REQUESTS = Counter("waflow_webhook_requests_total", "Webhook POSTs by result", ["result"])
 SIGNATURE_FAILURES = Counter("waflow_signature_failures_total", "Webhook POSTs rejected by the signature check")
 MESSAGES_STORED = Counter("waflow_messages_stored_total", "Inbound messages stored for the first time")
 DUPLICATES_DROPPED = Counter("waflow_duplicates_dropped_total", "Inbound messages dropped as already seen (wamid)")
 MESSAGES_APPLIED = Counter("waflow_messages_applied_total", "Inbound messages applied, by result", ["result"])
-MESSAGES_PENDING = Gauge("waflow_messages_pending", "Inbound messages stored but not yet applied")
+# Read from the database, the same from any process: with several processes the latest reading counts.
+MESSAGES_PENDING = Gauge(
+    "waflow_messages_pending", "Inbound messages stored but not yet applied", multiprocess_mode="mostrecent"
+)
 APPLY_LATENCY = Histogram(
     "waflow_apply_seconds",
     "Time to apply one user's batch of pending messages (one transaction)",
@@ -37,5 +49,35 @@ SENDER_PAUSED = Gauge(
     "waflow_sender_paused",
     "1 while sending from a business number is paused, by error code",
     ["phone_number_id", "code"],
+    multiprocess_mode="mostrecent",
 )
 JOB_RUNS = Counter("waflow_job_runs_total", "Job runs by job and result (ok, error, skipped)", ["job", "result"])
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get(MULTIPROCESS_DIR_ENV))
+
+
+def render() -> bytes:
+    """The exposition text: this process's metrics, or every worker's when they share a directory."""
+    if multiprocess_mode():
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry)
+    return generate_latest()
+
+
+_paused_labels: set[tuple[str, str]] = set()
+
+
+def set_paused(labels: set[tuple[str, str]]) -> None:
+    """`waflow_sender_paused` = 1 for each (phone_number_id, code) paused now. Across processes a removed
+    label would keep its last written 1, so there a pause that ended is written as 0 instead."""
+    if multiprocess_mode():
+        for ended in _paused_labels - labels:
+            SENDER_PAUSED.labels(*ended).set(0)
+        _paused_labels.update(labels)
+    else:
+        SENDER_PAUSED.clear()
+    for label in labels:
+        SENDER_PAUSED.labels(*label).set(1)

@@ -226,7 +226,6 @@ def resume_sending(db: Database, phone_number_id: str) -> bool:
     """Clear a pause (operator action). Returns False if the number was not paused."""
     with db.begin() as conn:
         deleted = conn.execute(delete(SenderPause).where(SenderPause.phone_number_id == phone_number_id)).rowcount
-    metrics.SENDER_PAUSED.clear()
     refresh_pause_gauge(db)
     return bool(deleted)
 
@@ -245,7 +244,5 @@ def paused_numbers(db: Database) -> list[dict[str, Any]]:
 def refresh_pause_gauge(db: Database) -> list[dict[str, Any]]:
     """Set `waflow_sender_paused{phone_number_id,code}` from the table; /metrics may call this before rendering."""
     paused = paused_numbers(db)
-    metrics.SENDER_PAUSED.clear()
-    for pause in paused:
-        metrics.SENDER_PAUSED.labels(pause["phone_number_id"], str(pause["error_code"])).set(1)
+    metrics.set_paused({(pause["phone_number_id"], str(pause["error_code"])) for pause in paused})
     return paused

@@ -11,6 +11,8 @@ import threading
 from collections.abc import Sequence
 from types import FrameType
 
+from prometheus_client import start_http_server
+
 from core.commands.common import open_database
 from core.errors import WaflowError
 from jobs.scheduler import JOBS, JobContext, run_once, serve
@@ -39,6 +41,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps({"job": args.once, "status": outcome.status, "result": outcome.result,
                               "reason": outcome.reason}, default=str))
             return 1 if outcome.status == "error" else 0
+        if settings.jobs_metrics_port:
+            # The sender's and the jobs' metrics live in this process, not in the webhook's /metrics.
+            start_http_server(settings.jobs_metrics_port, addr=settings.jobs_metrics_host)
         stop = threading.Event()
 
         def _stop(signum: int, _frame: FrameType | None) -> None:

@@ -170,7 +170,7 @@ fi
 if [ "$USERS" -gt 0 ]; then
   say "sending a simulated ${DAYS}-day week of $USERS users through http://$HOST:$PORT/webhook"
   "$PY" -m core simulate --url "http://$HOST:$PORT/webhook" --users "$USERS" --days "$DAYS" --seed "$SEED" \
-    --speed "$SPEED"
+    --speed "$SPEED" --status-wait 120  # returns as soon as the sender has sent every reply
 fi
 
 cat <<EOF

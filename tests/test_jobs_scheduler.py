@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import insert, select
+import requests
+from sqlalchemy import func, insert, select
 
 from core import campaigns as api
 from core.db import Database
@@ -173,10 +175,11 @@ def test_two_live_schedulers_run_each_job_once(pg_url: str, flows_dir: Path, reg
             ARCHIVE_INTERVAL_SECONDS="1", SWEEPER_INTERVAL_SECONDS="1",
         )
         logs = [tmp_path / f"scheduler{i}.log" for i in range(2)]
+        ports = [_free_port() for _ in logs]
         procs = [
-            subprocess.Popen([sys.executable, "-m", "jobs"], cwd=ROOT, env=env, stdout=log.open("w"),
-                             stderr=subprocess.STDOUT)
-            for log in logs
+            subprocess.Popen([sys.executable, "-m", "jobs"], cwd=ROOT, env={**env, "JOBS_METRICS_PORT": str(port)},
+                             stdout=log.open("w"), stderr=subprocess.STDOUT)
+            for log, port in zip(logs, ports, strict=True)
         ]
         try:
             _wait_for(lambda: all("started" in log.read_text() for log in logs), 90, "both schedulers to start")
@@ -185,6 +188,16 @@ def test_two_live_schedulers_run_each_job_once(pg_url: str, flows_dir: Path, reg
                 deliver(engine, text(f"new{i}", "hi", int(time.time())))
                 time.sleep(0.1)
             time.sleep(4)
+            # Each scheduler serves its own metrics: together they count every send once.
+            def metrics_match_sends() -> bool:
+                with db.session() as s:
+                    total = s.scalar(select(func.count()).select_from(Outbox))
+                    sent = s.scalar(select(func.count()).select_from(Outbox).where(Outbox.status == "sent"))
+                counted = sum(_sent_count(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+                              for port in ports)
+                return bool(total) and counted == sent == total
+
+            _wait_for(metrics_match_sends, 30, "the schedulers' metrics to count every send")
             procs[0].send_signal(signal.SIGINT)
             procs[1].send_signal(signal.SIGTERM)
             codes = [p.wait(60) for p in procs]
@@ -222,3 +235,14 @@ def test_two_live_schedulers_run_each_job_once(pg_url: str, flows_dir: Path, reg
             assert before.finished_at is not None
             assert after.started_at >= before.finished_at - timedelta(milliseconds=5), (job, before.id, after.id)
     db.dispose()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _sent_count(exposition: str) -> float:
+    return sum(float(line.split()[-1]) for line in exposition.splitlines()
+               if line.startswith('waflow_outbox_results_total{result="sent"}'))

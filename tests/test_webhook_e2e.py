@@ -371,3 +371,36 @@ def test_health_and_metrics(server: Server) -> None:
     for name in ("waflow_webhook_requests_total", "waflow_signature_failures_total", "waflow_duplicates_dropped_total",
                  "waflow_messages_pending", "waflow_apply_seconds_bucket", "waflow_lock_wait_seconds_bucket"):
         assert name in metrics
+
+
+def test_metrics_with_several_workers_count_every_process(pg_url: str, flows_dir: Path, tmp_path: Path) -> None:
+    """`serve --workers 2`: whichever worker answers a scrape, it reports what both stored and applied."""
+    server = Server(server_env(pg_url, flows_dir), tmp_path / "server.log", workers=2).start()
+    try:
+        bodies = [text_body(unique("MP"), f"1555300{i:04d}", "hi") for i in range(40)]
+        with ThreadPoolExecutor(8) as pool:  # concurrent connections: the kernel hands them to both workers
+            statuses = list(pool.map(lambda b: requests.post(
+                server.url + "/webhook", data=b, timeout=10,
+                headers={"Content-Type": "application/json", "X-Hub-Signature-256": sign(b, SECRET)}).status_code,
+                bodies))
+        assert statuses == [200] * 40
+        deadline = time.monotonic() + 20
+        scrapes: list[tuple[float, float]] = []
+        while time.monotonic() < deadline:
+            scrapes = [_stored_and_applied(requests.get(server.url + "/metrics", timeout=10).text) for _ in range(8)]
+            if all(s == (40.0, 40.0) for s in scrapes):
+                break
+            time.sleep(0.3)
+        assert scrapes == [(40.0, 40.0)] * 8, server.log()
+    finally:
+        server.stop()
+
+
+def _stored_and_applied(exposition: str) -> tuple[float, float]:
+    stored = applied = 0.0
+    for line in exposition.splitlines():
+        if line.startswith("waflow_messages_stored_total "):
+            stored += float(line.split()[-1])
+        elif line.startswith('waflow_messages_applied_total{result="applied"}'):
+            applied += float(line.split()[-1])
+    return stored, applied

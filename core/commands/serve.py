@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
 
 from core.commands.common import open_database
+from core.metrics import MULTIPROCESS_DIR_ENV
 
 
 def register(sub: Any) -> None:
@@ -27,10 +33,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from core.webhook import create_app  # imported here: the other commands need not load the web stack
 
     if args.workers > 1:
-        uvicorn.run(
-            "core.webhook:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
-            access_log=False, log_level="info",
-        )
+        with _shared_metrics_dir():
+            uvicorn.run(
+                "core.webhook:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
+                access_log=False, log_level="info",
+            )
     else:
         uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False, log_level="info")
     return 0
+
+
+@contextmanager
+def _shared_metrics_dir() -> Iterator[None]:
+    """Worker processes write their metrics to one directory so that /metrics sums them (prometheus-client's
+    multiprocess mode). An operator's own PROMETHEUS_MULTIPROC_DIR is used as it is (empty it at each start)."""
+    if os.environ.get(MULTIPROCESS_DIR_ENV):
+        yield
+        return
+    directory = tempfile.mkdtemp(prefix="waflow-metrics-")
+    os.environ[MULTIPROCESS_DIR_ENV] = directory  # inherited by the workers uvicorn spawns
+    try:
+        yield
+    finally:
+        del os.environ[MULTIPROCESS_DIR_ENV]
+        shutil.rmtree(directory, ignore_errors=True)
