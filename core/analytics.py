@@ -21,6 +21,7 @@ from sqlalchemy import (
     ColumnElement,
     Float,
     Select,
+    TextClause,
     and_,
     case,
     cast,
@@ -40,6 +41,7 @@ from sqlalchemy.orm import InstrumentedAttribute, aliased
 from core.db import Database, insert_for
 from core.flows import Flow
 from core.models import (
+    MOVES,
     AnalyticsWatermark,
     ChatSession,
     FollowUp,
@@ -55,8 +57,6 @@ from core.models import (
 from core.views import SERVICE_WINDOW
 
 QUANTILES = (0.5, 0.9, 0.99)
-# Outcomes that move a user from one step to another: the ones latency and friction are about.
-MOVING_OUTCOMES = ("advanced", "completed", "handoff")
 # Subscription changes are logged as transitions but say nothing about progress through a flow.
 NOT_PROGRESS = ("opted_out", "opted_in")
 SESSION_STATUSES = ("active", "completed", "archived")
@@ -81,16 +81,20 @@ class Filters:
 def _frame(db: Database, stmt: Query) -> pd.DataFrame:
     with db.engine.connect() as conn:
         if db.is_postgres:
-            # Funnels and percentiles hash or sort a few hundred thousand rows: keep that in memory.
+            # Funnels and percentiles hash or sort a few hundred thousand rows: keep that in memory. JIT
+            # compilation costs these sub-second queries more than it saves, and varies from run to run.
             conn.execute(text("SET LOCAL work_mem = '64MB'"))
+            conn.execute(text("SET LOCAL jit = off"))
         result = conn.execute(stmt)
-        return pd.DataFrame(result.fetchall(), columns=list(result.keys()))
+        # Plain tuples: given SQLAlchemy rows, pandas probes each one for namedtuple fields (several times slower).
+        return pd.DataFrame([tuple(row) for row in result], columns=list(result.keys()))
 
 
 def _epoch(db: Database, column: Expr) -> ColumnElement[float]:
     """Seconds since 1970 as a float, in SQL."""
     if db.is_postgres:
-        return func.extract("epoch", column).cast(Float)
+        # date_part is float8 arithmetic; EXTRACT computes a numeric (since PostgreSQL 14), several times slower.
+        return func.date_part(literal_column("'epoch'"), column).cast(Float)
     # Whole seconds plus milliseconds (julianday() would lose tens of microseconds to float rounding).
     whole = cast(func.strftime(literal_column("'%s'"), column), Float)
     fraction = cast(func.strftime(literal_column("'%f'"), column), Float) - cast(
@@ -316,20 +320,34 @@ def refresh_rollups(db: Database, now: datetime | None = None) -> int:
         if high is None or high <= low:
             return 0
         in_range = and_(t.id > low, t.id <= high)
+        other = aliased(StepReach)
+        # Rows go in with their entered_at (the session's earliest time in the flow, from this batch or from the
+        # rollup) and are rewritten only when a time moves earlier: no second version of every row, whose dead
+        # copies bloated the table and the funnel's index.
+        held = (
+            select(func.min(other.first_at))
+            .where(other.phone_number_id == t.phone_number_id, other.user_id == t.user_id, other.flow == t.flow)
+            .scalar_subquery()
+        )
+        batch = func.min(func.min(t.at)).over(partition_by=(t.phone_number_id, t.user_id, t.flow))
         firsts = (
-            select(t.phone_number_id, t.user_id, t.flow, t.to_step, func.min(t.at))
+            select(t.phone_number_id, t.user_id, t.flow, t.to_step, func.min(t.at),
+                   _least(conn, batch, func.coalesce(held, batch)))
             .where(in_range, t.outcome.not_in(NOT_PROGRESS))
             .group_by(t.phone_number_id, t.user_id, t.flow, t.to_step)
         )
         dml = insert_for(conn.dialect.name)
-        upsert = dml(StepReach).from_select(["phone_number_id", "user_id", "flow", "step", "first_at"], firsts)
+        upsert = dml(StepReach).from_select(
+            ["phone_number_id", "user_id", "flow", "step", "first_at", "entered_at"], firsts
+        )
+        new = upsert.excluded
         conn.execute(upsert.on_conflict_do_update(
             index_elements=["phone_number_id", "user_id", "flow", "step"],
-            set_={"first_at": _least(conn, upsert.excluded.first_at, r.first_at)},
+            set_={"first_at": _least(conn, new.first_at, r.first_at), "entered_at": new.entered_at},
+            where=or_(new.first_at < r.first_at, r.entered_at.is_distinct_from(new.entered_at)),
         ))
-        # entered_at of every session that got new transitions: its earliest first_at in the flow.
+        # The session's other rows, when its entered_at moved earlier (a message delivered late).
         touched = select(t.phone_number_id, t.user_id).where(in_range).distinct().subquery("touched")
-        other = aliased(StepReach)
         entered = (
             select(other.phone_number_id, other.user_id, other.flow, func.min(other.first_at).label("entered_at"))
             .join(touched, and_(touched.c.phone_number_id == other.phone_number_id,
@@ -394,14 +412,23 @@ class _FunnelQuery:
             for i, step in enumerate(self.path)
         ]
         stmt = select(r.phone_number_id, r.user_id, segment.label("segment"),
-                      _epoch(db, func.min(r.entered_at)).label("entered"), *steps)
+                      _epoch(db, r.entered_at).label("entered"), *steps)
         if f.language or self.by == "language":
             stmt = stmt.join(ChatSession, and_(ChatSession.phone_number_id == r.phone_number_id,
                                                ChatSession.user_id == r.user_id))
             if f.language:
                 clauses.append(ChatSession.language == f.language)
-        keys = [r.phone_number_id, r.user_id, *([segment] if self.by else [])]
+        # All rows of a journey share entered_at (refresh_rollups keeps it so): grouping by it first follows
+        # ix_step_reach_journeys, so PostgreSQL aggregates the index scan as it comes.
+        keys = [r.entered_at, r.phone_number_id, r.user_id, *([segment] if self.by else [])]
         return stmt.where(*clauses).group_by(*keys).subquery("journeys")
+
+
+def _session_value(phone_number_id: Any, user_id: Any, column: Expr) -> Any:
+    """`column` of the session (phone_number_id, user_id), looked up per row: a primary-key probe each, so the
+    cost follows the rows asked about. A join lets PostgreSQL's estimates pick hashing all sessions instead."""
+    session = and_(ChatSession.phone_number_id == phone_number_id, ChatSession.user_id == user_id)
+    return select(column).where(session).scalar_subquery()
 
 
 def _went_on(j: Any, i: int) -> ColumnElement[bool]:
@@ -502,15 +529,18 @@ def dropped_users(
     refresh_rollups(db)
     j, i = q.journeys(), path.index(step)
     here, there = j.c[f"s{i}"], j.c[f"s{i + 1}"]
-    stmt = (
-        select(j.c.phone_number_id, j.c.user_id, j.c.entered, here.label("reached"), ChatSession.current_step,
-               ChatSession.status, ChatSession.language, ChatSession.last_inbound_at)
-        .join(ChatSession, and_(ChatSession.phone_number_id == j.c.phone_number_id,
-                                ChatSession.user_id == j.c.user_id))
-        .where(here.is_not(None), or_(there.is_(None), there < here))
+    dropped = (
+        select(j.c.phone_number_id, j.c.user_id, j.c.entered, here.label("reached"))
+        .where(here.is_not(None), or_(there.is_(None), there < here),
+               _session_value(j.c.phone_number_id, j.c.user_id, ChatSession.status).is_not(None))
         .order_by(here.desc(), j.c.phone_number_id, j.c.user_id)
         .limit(limit)
+        .subquery("dropped")
     )
+    current = [ChatSession.current_step, ChatSession.status, ChatSession.language, ChatSession.last_inbound_at]
+    stmt = select(
+        dropped, *(_session_value(dropped.c.phone_number_id, dropped.c.user_id, c).label(c.key) for c in current)
+    ).order_by(dropped.c.reached.desc(), dropped.c.phone_number_id, dropped.c.user_id)
     frame = _frame(db, stmt)
     frame.insert(2, "entered_at", pd.to_datetime(frame.pop("entered").astype(float), unit="s", utc=True).dt.round("ms"))
     frame.insert(3, "reached_at", pd.to_datetime(frame.pop("reached").astype(float), unit="s", utc=True).dt.round("ms"))
@@ -519,12 +549,9 @@ def dropped_users(
 
 
 # --------------------------------------------------------------------------------------- latency
-def _moves(db: Database, filters: Filters) -> list[ColumnElement[bool]]:
-    return [
-        Transition.outcome.in_(MOVING_OUTCOMES),
-        Transition.elapsed_seconds.is_not(None),
-        *_transition_filters(filters),
-    ]
+def _moves(filters: Filters) -> list[ColumnElement[bool] | TextClause]:
+    """Step changes (`MOVES`, the very predicate of the partial index ix_transitions_moves) matching `filters`."""
+    return [MOVES, *_transition_filters(filters)]
 
 
 def transition_latency(db: Database, filters: Filters = Filters(), friction_top: int = 3) -> pd.DataFrame:
@@ -532,7 +559,7 @@ def transition_latency(db: Database, filters: Filters = Filters(), friction_top:
     message. The `friction_top` transitions with the highest p50 are flagged `friction`."""
     stmt = select(
         Transition.flow, Transition.from_step, Transition.to_step, Transition.elapsed_seconds.label("seconds")
-    ).where(*_moves(db, filters))
+    ).where(*_moves(filters))
     frame = _quantiles(db, stmt, ["flow", "from_step", "to_step"], "seconds")
     if frame.empty:
         return pd.DataFrame(columns=["flow", "from_step", "to_step", "n", "p50", "p90", "p99", "friction"])
@@ -547,8 +574,9 @@ def latency_samples(
     db: Database, filters: Filters = Filters(), from_step: str | None = None, to_step: str | None = None,
     limit: int = 20000,
 ) -> pd.DataFrame:
-    """The most recent `limit` step changes' seconds, for the histogram: columns from_step, to_step, seconds."""
-    clauses = _moves(db, filters)
+    """The `limit` most recent step changes' seconds (by WhatsApp time), for the histogram: columns from_step,
+    to_step, seconds."""
+    clauses = _moves(filters)
     if from_step:
         clauses.append(Transition.from_step == from_step)
     if to_step:
@@ -556,8 +584,8 @@ def latency_samples(
     stmt = (
         select(Transition.from_step, Transition.to_step, Transition.elapsed_seconds.label("seconds"))
         .where(*clauses)
-        # Newest applied first (the primary key's order): a backward index scan that stops at `limit`.
-        .order_by(Transition.id.desc())
+        # ix_transitions_moves read backwards from the end of the range, stopping at `limit`.
+        .order_by(Transition.at.desc(), Transition.id.desc())
         .limit(limit)
     )
     frame = _frame(db, stmt)
@@ -568,7 +596,7 @@ def latency_samples(
 def latency_trend(db: Database, filters: Filters = Filters(), unit: str = "day") -> pd.DataFrame:
     """p50/p90 of step-change latency per UTC day (or hour): columns bucket, n, p50, p90."""
     bucket = _bucket(db, Transition.at, unit)
-    stmt = select(bucket.label("bucket"), Transition.elapsed_seconds.label("seconds")).where(*_moves(db, filters))
+    stmt = select(bucket.label("bucket"), Transition.elapsed_seconds.label("seconds")).where(*_moves(filters))
     frame = _quantiles(db, stmt, ["bucket"], "seconds", (0.5, 0.9))
     if frame.empty:
         return frame

@@ -151,7 +151,10 @@ class Transition(Base):
 
     __table_args__ = (
         Index("ix_transitions_flow_at", "flow", "at"),
-        Index("ix_transitions_session", "phone_number_id", "user_id", "id"),
+        # A session's history by WhatsApp time; covering on PostgreSQL, so "did this user answer after the
+        # follow-up, and advance out of its step?" (campaign results) never reads the table (migration 0005).
+        Index("ix_transitions_session_at", "phone_number_id", "user_id", "at",
+              postgresql_include=["outcome", "from_step"]),
         UniqueConstraint("phone_number_id", "wamid", name="uq_transitions_wamid"),
     )
 
@@ -340,10 +343,11 @@ class StepReach(Base):
     # The session's first arrival anywhere in this flow (the funnel cohort is chosen by it).
     entered_at: Mapped[datetime | None]
 
-    # Covering on PostgreSQL: a funnel over a date range is one index-only range scan.
+    # A funnel over a date range is one index-only range scan (covering on PostgreSQL) that returns each
+    # journey's rows next to each other (they share entered_at), so it is grouped without hashing or sorting.
     __table_args__ = (
-        Index("ix_step_reach_flow_entered", "flow", "entered_at",
-              postgresql_include=["phone_number_id", "user_id", "step", "first_at"]),
+        Index("ix_step_reach_journeys", "flow", "entered_at", "phone_number_id", "user_id",
+              postgresql_include=["step", "first_at"]),
     )
 
 
@@ -361,3 +365,13 @@ class AnalyticsWatermark(Base):
 # transitions by outcome and time; messages per hour reads inbound events by WhatsApp timestamp.
 Index("ix_transitions_outcome_at", Transition.outcome, Transition.at)
 Index("ix_inbound_timestamp", InboundEvent.timestamp)
+
+# Outcomes that move a user from one step to another: the ones transition latency is about.
+MOVING_OUTCOMES = ("advanced", "completed", "handoff")
+# Migration 0005: the step changes alone, newest last, with every column the latency page reads (covering on
+# PostgreSQL), so its percentiles and histogram are index-only range scans. Queries must spell the outcomes
+# as literals (not bind parameters) for the planner to prove they imply this predicate.
+MOVES = text(f"outcome IN ({', '.join(repr(o) for o in MOVING_OUTCOMES)}) AND elapsed_seconds IS NOT NULL")
+Index("ix_transitions_moves", Transition.at, Transition.id,
+      postgresql_include=["flow", "phone_number_id", "language", "from_step", "to_step", "elapsed_seconds"],
+      postgresql_where=MOVES, sqlite_where=MOVES)

@@ -245,6 +245,24 @@ CREATE TABLE analytics_watermarks (
 
 UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0002';
 
+-- Running upgrade 0004 -> 0005
+
+CREATE INDEX IF NOT EXISTS ix_transitions_moves ON transitions (at, id) INCLUDE (flow, phone_number_id, language, from_step, to_step, elapsed_seconds) WHERE outcome IN ('advanced', 'completed', 'handoff') AND elapsed_seconds IS NOT NULL;
+
+CREATE INDEX IF NOT EXISTS ix_transitions_session_at ON transitions (phone_number_id, user_id, at) INCLUDE (outcome, from_step);
+
+DROP INDEX ix_transitions_session;
+
+CREATE INDEX IF NOT EXISTS ix_step_reach_journeys ON analytics_step_reach (flow, entered_at, phone_number_id, user_id) INCLUDE (step, first_at);
+
+DROP INDEX ix_step_reach_flow_entered;
+
+ALTER TABLE transitions SET (autovacuum_vacuum_insert_threshold = 10000, autovacuum_vacuum_insert_scale_factor = 0);
+
+ALTER TABLE analytics_step_reach SET (autovacuum_vacuum_insert_threshold = 10000, autovacuum_vacuum_insert_scale_factor = 0);
+
+UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num = '0004';
+
 -- Running upgrade 0002 -> 0003
 
 ALTER TABLE outbox ADD COLUMN send_started_at TIMESTAMP WITH TIME ZONE;

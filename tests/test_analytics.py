@@ -20,7 +20,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from sqlalchemy import insert, update
+from sqlalchemy import insert, select, update
+from sqlalchemy import text as sql
 
 from core import analytics
 from core.analytics import Filters, StalledQuery
@@ -28,7 +29,7 @@ from core.db import Database
 from core.engine import Engine
 from core.flows import FlowRegistry
 from core.messages import InboundMessage
-from core.models import Campaign, ChatSession, FollowUp, Outbox, WebhookStat
+from core.models import Campaign, ChatSession, FollowUp, Outbox, StepReach, Transition, WebhookStat
 
 T0 = int(datetime(2026, 11, 2, 10, 0, tzinfo=UTC).timestamp())
 ROOT = Path(__file__).resolve().parent.parent
@@ -319,3 +320,64 @@ def test_funnel_rollup_is_refreshed_incrementally(story: Database, engine: Engin
         ("ask_city", 3, 1, 300.0),
         ("done", 1, None, None),
     ]
+
+
+def test_latency_samples_are_the_most_recent_by_whatsapp_time(story: Database, engine: Engine) -> None:
+    # u6's messages are older than most of the story but applied last (the highest transition ids).
+    deliver(engine, "PN2", "u6", 50, "hi")
+    deliver(engine, "PN2", "u6", 70, "Eve")
+    newest = analytics.latency_samples(story, SINCE, limit=2)
+    assert rows(newest, "from_step", "to_step", "seconds") == [
+        ("ask_name", "ask_email", 3600.0),  # u4 at 3900
+        ("ask_email", "ask_city", 500.0),  # u2 at 1000
+    ]
+    assert sorted(analytics.latency_samples(story, SINCE)["seconds"].tolist()) == [
+        20.0, 60.0, 120.0, 300.0, 300.0, 500.0, 3600.0
+    ]
+
+
+def _reach(db: Database, user: str) -> dict[str, tuple[datetime, datetime | None]]:
+    with db.engine.connect() as conn:
+        found = conn.execute(select(StepReach.step, StepReach.first_at, StepReach.entered_at)
+                             .where(StepReach.user_id == user))
+        return {step: (first, entered) for step, first, entered in found}
+
+
+def _row_versions(db: Database, user: str) -> list[str]:
+    with db.engine.connect() as conn:
+        return list(conn.scalars(sql("SELECT xmin::text FROM analytics_step_reach WHERE user_id = :u ORDER BY step"),
+                                 {"u": user}))
+
+
+def test_rollup_rows_carry_entered_at_and_a_late_message_moves_it_earlier(story: Database, engine: Engine) -> None:
+    analytics.refresh_rollups(story)
+    assert _reach(story, "u2") == {
+        "ask_name": (at(100), at(100)), "ask_email": (at(400), at(100)), "ask_city": (at(1000), at(100)),
+    }
+    versions = _row_versions(story, "u1") if story.is_postgres else []
+    # A message sent before u3's first one, delivered after it: u3 reached ask_email (and the flow) at 150.
+    deliver(engine, "PN1", "u3", 150, "Dee")
+    # A reprompt at a step u1 reached long ago changes nothing in the rollup, and writes no new row versions.
+    with story.begin() as conn:
+        conn.execute(insert(Transition).values(
+            phone_number_id="PN1", user_id="u1", flow="lead_qualification", flow_version=1, from_step="ask_email",
+            to_step="ask_email", outcome="reprompted", wamid="wamid.late", at=at(9000), applied_at=at(9001),
+            elapsed_seconds=1.0, session_version=9, language="en",
+        ))
+    assert analytics.refresh_rollups(story, now=at(9999)) == 2
+    assert _reach(story, "u3") == {"ask_name": (at(200), at(150)), "ask_email": (at(150), at(150))}
+    assert _reach(story, "u1")["ask_email"] == (at(60), at(0))
+    if story.is_postgres:
+        assert _row_versions(story, "u1") == versions
+
+
+def test_journeys_left_behind_by_a_number_change_are_not_listed(story: Database, registry: FlowRegistry) -> None:
+    # The engine renames the session (and its transitions) when a user changes number; the rollup keeps the
+    # journey under the old id. Lists of users, and breakdowns by the session's language, leave it out.
+    assert analytics.dropped_users(story, lead(registry), "ask_name", SINCE)["user_id"].tolist() == ["u3"]
+    with story.begin() as conn:
+        conn.execute(update(ChatSession).where(ChatSession.user_id == "u3").values(user_id="u3-new"))
+    assert analytics.dropped_users(story, lead(registry), "ask_name", SINCE).empty
+    by_language = analytics.funnel(story, lead(registry), SINCE, by="language")
+    assert rows(by_language[by_language.step == "ask_name"], "segment", "reached") == [("en", 2), ("es", 1)]
+    assert analytics.funnel(story, lead(registry), SINCE)["reached"].tolist() == [4, 3, 2, 1]
