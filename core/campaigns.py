@@ -8,14 +8,31 @@ by the job and by `preview_targets`, so the preview shows exactly what the job w
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
+from itertools import groupby
 from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import (
+    ColumnElement,
+    Interval,
+    Row,
+    String,
+    and_,
+    cast,
+    exists,
+    false,
+    func,
+    literal_column,
+    or_,
+    select,
+)
+from sqlalchemy.engine import Connection
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from core.db import Database
 from core.errors import WaflowError
@@ -361,7 +378,15 @@ def stall_filter(campaign: CampaignLike) -> list[Any]:
     return conditions
 
 
-def facts_of(session: ChatSession) -> SessionFacts:
+# What facts_of reads: select these instead of whole ChatSession objects when there are thousands of sessions.
+FACT_COLUMNS = (
+    ChatSession.phone_number_id, ChatSession.user_id, ChatSession.language, ChatSession.data,
+    ChatSession.last_inbound_at, ChatSession.window_closed_at, ChatSession.opted_out,
+)
+
+
+def facts_of(session: ChatSession | Row[Any]) -> SessionFacts:
+    """From a ChatSession, or a row of FACT_COLUMNS."""
     assert session.last_inbound_at is not None
     return SessionFacts(
         phone_number_id=session.phone_number_id, user_id=session.user_id, language=session.language,
@@ -370,32 +395,47 @@ def facts_of(session: ChatSession) -> SessionFacts:
     )
 
 
-def history_of(rows: list[tuple[FollowUp, int | None]], stalled_since: datetime) -> History:
-    """From this campaign's follow-ups to one session, each with its outbox error code."""
+@dataclass(frozen=True)
+class PastFollowUp:
+    """One earlier follow-up of a campaign to a session, with its outbox row's Meta error code."""
+
+    attempt: int
+    status: str
+    stalled_since: datetime | None
+    created_at: datetime
+    error_code: int | None
+
+
+def history_of(rows: list[PastFollowUp], stalled_since: datetime) -> History:
+    """From this campaign's follow-ups to one session."""
     if not rows:
         return History()
-    this_stall = [(f, code) for f, code in rows if f.stalled_since == stalled_since]
-    sent = [f for f, code in this_stall if f.status == "queued" and code != WINDOW_CLOSED_CODE]
+    this_stall = [f for f in rows if f.stalled_since == stalled_since]
+    sent = [f for f in this_stall if f.status == "queued" and f.error_code != WINDOW_CLOSED_CODE]
     return History(
-        next_attempt=max(f.attempt for f, _ in rows) + 1,
+        next_attempt=max(f.attempt for f in rows) + 1,
         sent_this_stall=len(sent),
-        skipped_this_stall=any(f.status == "skipped" for f, _ in this_stall),
+        skipped_this_stall=any(f.status == "skipped" for f in this_stall),
         last_sent_at=max((f.created_at for f in sent), default=None),
     )
 
 
-def load_histories(s: Any, campaign_id: int, keys: list[tuple[str, str]]) -> dict[tuple[str, str], list[Any]]:
+def load_histories(
+    s: Session | Connection, campaign_id: int, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], list[PastFollowUp]]:
+    """This campaign's follow-ups to each of these sessions."""
     if not keys:
         return {}
-    users = {user for _, user in keys}
+    f = FollowUp
     stmt = (
-        select(FollowUp, Outbox.error_code)
-        .outerjoin(Outbox, Outbox.id == FollowUp.outbox_id)
-        .where(FollowUp.campaign_id == campaign_id, FollowUp.user_id.in_(users))
+        select(f.phone_number_id, f.user_id, f.attempt, f.status, f.stalled_since, f.created_at, Outbox.error_code)
+        .outerjoin(Outbox, Outbox.id == f.outbox_id)
+        .where(f.campaign_id == campaign_id, f.user_id.in_({user for _, user in keys}))
     )
-    found: dict[tuple[str, str], list[Any]] = {}
-    for followup, code in s.execute(stmt):
-        found.setdefault((followup.phone_number_id, followup.user_id), []).append((followup, code))
+    found: dict[tuple[str, str], list[PastFollowUp]] = {}
+    for row in s.execute(stmt):
+        past = PastFollowUp(row.attempt, row.status, row.stalled_since, row.created_at, row.error_code)
+        found.setdefault((row.phone_number_id, row.user_id), []).append(past)
     return found
 
 
@@ -414,117 +454,124 @@ def preview_targets(
     """Every session stalled in the campaign's step: when it would get a follow-up, and as what."""
     import pandas as pd
     target: CampaignLike = campaign if isinstance(campaign, CampaignSpec) else get_campaign(db, campaign)
-    campaign_id = target.id if isinstance(target, Campaign) else None
     rows = []
-    with db.session() as s:
-        sessions = s.scalars(
-            select(ChatSession).where(*stall_filter(target)).order_by(ChatSession.last_inbound_at).limit(limit)
-        ).all()
-        keys = [(x.phone_number_id, x.user_id) for x in sessions]
-        histories = load_histories(s, campaign_id, keys) if campaign_id is not None else {}
-        for session in sessions:
-            facts = facts_of(session)
-            history = history_of(histories.get((facts.phone_number_id, facts.user_id), []), facts.last_inbound_at)
-            plan = plan_followup(target, facts, history, now)
-            rows.append({
-                "phone_number_id": facts.phone_number_id, "user_id": facts.user_id, "language": facts.language,
-                "last_inbound_at": facts.last_inbound_at, "due_at": plan.due_at,
-                "window": "inside" if plan.window_open else "outside", "followups_sent": history.sent_this_stall,
-                "opted_out": facts.opted_out, "would_send_as": plan.action, "reason": plan.reason,
-            })
+    for facts, past in _stalled_with_histories(db, target, limit):
+        history = history_of(past, facts.last_inbound_at)
+        plan = plan_followup(target, facts, history, now)
+        rows.append({
+            "phone_number_id": facts.phone_number_id, "user_id": facts.user_id, "language": facts.language,
+            "last_inbound_at": facts.last_inbound_at, "due_at": plan.due_at,
+            "window": "inside" if plan.window_open else "outside", "followups_sent": history.sent_this_stall,
+            "opted_out": facts.opted_out, "would_send_as": plan.action, "reason": plan.reason,
+        })
     return pd.DataFrame(rows, columns=PREVIEW_COLUMNS)
+
+
+def _stalled_with_histories(
+    db: Database, target: CampaignLike, limit: int
+) -> Iterator[tuple[SessionFacts, list[PastFollowUp]]]:
+    """The first `limit` sessions stalled in the step (oldest last message first), each with the campaign's
+    follow-ups to it (none for an unsaved spec): one statement, so both come from the same snapshot."""
+    stalled = (
+        select(*FACT_COLUMNS)
+        .where(*stall_filter(target))
+        .order_by(ChatSession.last_inbound_at, ChatSession.phone_number_id, ChatSession.user_id)
+        .limit(limit)
+        .subquery("stalled")
+    )
+    f = FollowUp
+    campaign_id = target.id if isinstance(target, Campaign) else None
+    followup = and_(f.campaign_id == campaign_id, f.phone_number_id == stalled.c.phone_number_id,
+                    f.user_id == stalled.c.user_id)
+    joined = stalled.outerjoin(f, followup if campaign_id is not None else false()).outerjoin(
+        Outbox, Outbox.id == f.outbox_id
+    )
+    stmt = (
+        select(stalled, f.attempt, f.status, f.stalled_since, f.created_at, Outbox.error_code)
+        .select_from(joined)
+        .order_by(stalled.c.last_inbound_at, stalled.c.phone_number_id, stalled.c.user_id)
+    )
+    with db.engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    for _, group in groupby(rows, key=lambda row: (row.phone_number_id, row.user_id)):
+        session = list(group)
+        past = [PastFollowUp(r.attempt, r.status, r.stalled_since, r.created_at, r.error_code)
+                for r in session if r.attempt is not None]
+        yield facts_of(session[0]), past
 
 
 RESULT_COLUMNS = [
     "campaign_id", "campaign", "active", "targeted", "sent", "delivered", "read", "failed", "replied", "recovered",
     "skipped",
 ]
+# An answer that moves the user out of the follow-up's step (the counterpart of "stalled there").
+RECOVERING_OUTCOMES = ("advanced", "completed")
 
 
-def _followup_rows(db: Database, campaign_ids: list[int], now: datetime) -> pd.DataFrame:
-    import pandas as pd
-    f = FollowUp
-    same_session = and_(Transition.phone_number_id == f.phone_number_id, Transition.user_id == f.user_id)
-    replied = exists().where(same_session, Transition.at > f.created_at, Transition.at <= now)
-    stmt = (
-        select(
-            f.campaign_id, f.phone_number_id, f.user_id, f.status.label("followup_status"), f.step, f.created_at,
-            Campaign.recovery_window_seconds, Outbox.status.label("outbox_status"), Outbox.error_code,
-            MessageStatus.status.label("delivery"), replied.label("replied"),
-        )
+def _plus_seconds(db: Database, at: Any, seconds: Any) -> Any:
+    """`at` + `seconds` (an integer column) in SQL, exact to the microsecond on both backends."""
+    if db.is_postgres:
+        return at + seconds * literal_column("interval '1 second'", Interval)
+    # SQLite keeps 'YYYY-MM-DD HH:MM:SS.ffffff' text: shift the whole seconds, keep the fraction (strftime would
+    # round it to milliseconds, and .9995 up into the next second).
+    shift = "+" + cast(seconds, String) + " seconds"
+    whole = func.strftime("%Y-%m-%d %H:%M:%S", func.substr(at, 1, 19), shift, type_=String)
+    return whole.concat(func.substr(at, 20))
+
+
+def _result_counts(db: Database, campaign_ids: list[int], now: datetime) -> dict[int, dict[str, int]]:
+    """RESULT_COLUMNS' counts per campaign id, aggregated in SQL (campaigns without follow-ups are absent).
+
+    Per follow-up: sent, delivered, read, failed, replied (the user wrote after it, up to `now`) and recovered
+    (advanced out of its step within the campaign's recovery window) count queued follow-ups; skipped counts
+    the skipped ones; targeted counts the sessions. ix_transitions_session_at answers both "after it" checks.
+    """
+    f, t = FollowUp, Transition
+    queued = f.status == "queued"
+    after = and_(t.phone_number_id == f.phone_number_id, t.user_id == f.user_id, t.at > f.created_at, t.at <= now)
+    recovered = exists().where(
+        after, t.outcome.in_(RECOVERING_OUTCOMES), t.from_step == f.step,
+        t.at <= _plus_seconds(db, f.created_at, Campaign.recovery_window_seconds),
+    )
+    counted: dict[str, ColumnElement[bool]] = {
+        "sent": and_(queued, Outbox.status == "sent"),
+        "delivered": and_(queued, MessageStatus.status.in_(("delivered", "read"))),
+        "read": and_(queued, MessageStatus.status == "read"),
+        "failed": and_(queued, or_(Outbox.status == "failed", MessageStatus.status == "failed")),
+        "replied": and_(queued, exists().where(after)),
+        "recovered": and_(queued, recovered),
+        "skipped": f.status == "skipped",
+    }
+    per_session = (
+        select(f.campaign_id, *(func.count().filter(test).label(name) for name, test in counted.items()))
         .join(Campaign, Campaign.id == f.campaign_id)
         .outerjoin(Outbox, Outbox.id == f.outbox_id)
         .outerjoin(MessageStatus, MessageStatus.wamid == Outbox.wamid)
         .where(f.campaign_id.in_(campaign_ids))
+        .group_by(f.campaign_id, f.phone_number_id, f.user_id)
+        .subquery("per_session")
     )
+    stmt = select(
+        per_session.c.campaign_id, func.count().label("targeted"),
+        *(func.sum(per_session.c[name]).label(name) for name in counted),
+    ).group_by(per_session.c.campaign_id)
     with db.engine.connect() as conn:
-        frame = pd.DataFrame(conn.execute(stmt).mappings().all())
-        if frame.empty:
-            return frame
-        advanced = pd.DataFrame(
-            conn.execute(
-                select(Transition.phone_number_id, Transition.user_id, Transition.from_step, Transition.at)
-                .where(
-                    Transition.outcome.in_(("advanced", "completed")),
-                    Transition.from_step.is_not(None),
-                    Transition.at <= now,
-                    exists().where(
-                        f.campaign_id.in_(campaign_ids),
-                        f.phone_number_id == Transition.phone_number_id,
-                        f.user_id == Transition.user_id,
-                    ),
-                )
-            ).mappings().all(),
-            columns=["phone_number_id", "user_id", "from_step", "at"],
-        )
-    frame["recovered"] = _recovered(frame, advanced)
-    return frame
-
-
-def _recovered(frame: pd.DataFrame, advanced: pd.DataFrame) -> pd.Series:
-    """A follow-up recovered its user when they advanced out of its step within the campaign's window."""
-    import pandas as pd
-    if advanced.empty:
-        return pd.Series(False, index=frame.index)
-    merged = frame.reset_index().merge(
-        advanced, left_on=["phone_number_id", "user_id", "step"], right_on=["phone_number_id", "user_id", "from_step"]
-    )
-    window = pd.to_timedelta(merged["recovery_window_seconds"], unit="s")
-    hit = merged[(merged["at"] > merged["created_at"]) & (merged["at"] <= merged["created_at"] + window)]
-    return frame.index.isin(hit["index"].unique())
+        return {
+            row["campaign_id"]: {name: int(row[name]) for name in RESULT_COLUMNS[3:]}
+            for row in conn.execute(stmt).mappings()
+        }
 
 
 def campaign_results(db: Database, campaign: int | str | None, now: datetime) -> pd.DataFrame:
     """One row per campaign: targeted, sent, delivered, read, failed, replied, recovered, skipped."""
     import pandas as pd
     campaigns = [get_campaign(db, campaign)] if campaign is not None else list_campaigns(db)
-    if not campaigns:
-        return pd.DataFrame(columns=RESULT_COLUMNS)
-    frame = _followup_rows(db, [c.id for c in campaigns], now)
-    out = []
-    for c in campaigns:
-        rows = frame[frame["campaign_id"] == c.id] if not frame.empty else frame
-        out.append(_summary(c, rows))
-    return pd.DataFrame(out, columns=RESULT_COLUMNS)
-
-
-def _summary(c: Campaign, rows: pd.DataFrame) -> dict[str, Any]:
-    base = {"campaign_id": c.id, "campaign": c.name, "active": c.active}
-    if rows.empty:
-        return {**base, **dict.fromkeys(RESULT_COLUMNS[3:], 0)}
-    queued = rows[rows["followup_status"] == "queued"]
-    failed = (queued["outbox_status"] == "failed") | (queued["delivery"] == "failed")
-    return {
-        **base,
-        "targeted": int(rows[["phone_number_id", "user_id"]].drop_duplicates().shape[0]),
-        "sent": int((queued["outbox_status"] == "sent").sum()),
-        "delivered": int(queued["delivery"].isin(["delivered", "read"]).sum()),
-        "read": int((queued["delivery"] == "read").sum()),
-        "failed": int(failed.sum()),
-        "replied": int(queued["replied"].astype(bool).sum()),
-        "recovered": int(queued["recovered"].astype(bool).sum()),
-        "skipped": int((rows["followup_status"] == "skipped").sum()),
-    }
+    counts = _result_counts(db, [c.id for c in campaigns], now) if campaigns else {}
+    none = dict.fromkeys(RESULT_COLUMNS[3:], 0)
+    rows = [
+        {"campaign_id": c.id, "campaign": c.name, "active": c.active, **counts.get(c.id, none)} for c in campaigns
+    ]
+    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
 
 
 def failures_by_code(db: Database, campaign: int | str) -> pd.DataFrame:

@@ -291,6 +291,23 @@ def test_preview_shows_who_when_and_as_what(engine: Engine, db: Database, regist
     assert unsaved.loc["late", "would_send_as"] == "template"
 
 
+def test_preview_counts_each_sessions_own_followups(engine: Engine, db: Database, registry: FlowRegistry,
+                                                    settings: Settings) -> None:
+    for user in ("a", "b"):
+        stall(engine, user, T0 - timedelta(hours=3))
+    stall(engine, "fresh", T0 - timedelta(hours=1))
+    c = campaign(db, registry, max_sends=2)
+    campaign(db, registry, name="other")  # its follow-ups are not this campaign's history
+    assert run_followups(db, settings, T0) == {"queued_text": 4}  # a and b, by each campaign
+    frame = api.preview_targets(db, c.id, T0 + timedelta(minutes=30)).set_index("user_id")
+    assert frame.index.tolist() == ["a", "b", "fresh"]
+    assert frame["followups_sent"].tolist() == [1, 1, 0]
+    # The second send is spaced by the delay after the first; the fresh stall is due at its own delay.
+    assert frame["due_at"].tolist() == [T0 + timedelta(hours=2), T0 + timedelta(hours=2), T0 + timedelta(hours=1)]
+    unsaved = api.preview_targets(db, api.spec_of(c), T0).set_index("user_id")
+    assert unsaved["followups_sent"].tolist() == [0, 0, 0]
+
+
 def test_results_per_campaign(engine: Engine, db: Database, registry: FlowRegistry, settings: Settings) -> None:
     now = datetime.now(UTC)
     stall(engine, "reader", now - timedelta(hours=3))
