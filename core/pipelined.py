@@ -12,6 +12,7 @@ runs them one after the other, each with its own snapshot, so the semantics are 
    once the lock is held, so it sees every message committed before;
 2. decide in Python;
 3. every write (one statement, see `_PgStatements.write`) and COMMIT — one round trip.
+`apply_pipelined_together` does the same for several users in one transaction (the apply worker under load).
 A number change (rare, reads and moves rows mid-batch) and the sweeper's SKIP LOCKED pass use the Core path.
 """
 
