@@ -18,15 +18,15 @@ from core.flows import default_flows_dir, load_flows
 from core.machine import SessionState, decide
 from core.payloads import parse_webhook
 from core.signature import sign, verify_signature
-from core.simulate import (
+from core.simulation import (
     DAY,
     DEFAULT_ROUTES,
     Scenario,
     SimConfig,
-    _to_inbound,
     generate,
     plan_statuses,
     status_body,
+    to_inbound,
     webhook_body,
 )
 
@@ -81,7 +81,7 @@ def test_every_post_parses_and_matches_what_the_generator_predicted(scenario: Sc
         assert len(by_wamid) == len(post.messages)
         for msg in post.messages:
             got = by_wamid[msg.wamid]
-            assert got.model_dump(exclude={"raw"}) == _to_inbound(msg).model_dump(exclude={"raw"})
+            assert got.model_dump(exclude={"raw"}) == to_inbound(msg).model_dump(exclude={"raw"})
             assert (got.phone_number_id, got.user_id, got.timestamp) == (msg.phone_number_id, msg.user_id,
                                                                          msg.timestamp)
 
@@ -154,7 +154,7 @@ def test_replaying_the_script_through_decide_ends_where_the_plan_says(scenario: 
         flow = FLOWS[plan.flow]
         state = None
         for msg in sorted(messages[plan.user_id], key=lambda m: m.timestamp):
-            inbound = _to_inbound(msg)
+            inbound = to_inbound(msg)
             if not inbound.moves_flow:
                 continue
             context_step = msg.label in ("stale_tap", "double") and _tapped_step(flow, inbound.choice_id) or None

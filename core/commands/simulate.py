@@ -1,4 +1,4 @@
-"""`simulate`: play a simulated week of users (core/simulate.py) against a running webhook over HTTP.
+"""`simulate`: play a simulated week of users (core/simulation/) against a running webhook over HTTP.
 
 Every POST is signed with WHATSAPP_APP_SECRET, exactly as Meta signs. With ADMIN_TOKEN the player also reads
 the admin API: to put the real outbound wamid in `context.id` of replies and reactions (once the sender has
@@ -24,7 +24,7 @@ from core.config import get_settings
 from core.errors import WaflowError
 from core.flows import default_flows_dir, load_flows
 from core.signature import sign
-from core.simulate import (
+from core.simulation import (
     DEFAULT_ROUTES,
     Post,
     Scenario,
