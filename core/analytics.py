@@ -35,7 +35,6 @@ from sqlalchemy import (
     true,
     update,
 )
-from sqlalchemy.engine import Connection
 from sqlalchemy.orm import InstrumentedAttribute, aliased
 
 from core.db import Database, insert_for
@@ -300,8 +299,9 @@ SETTLE = timedelta(minutes=2)
 ROLLUP_LOCK_KEY = 0x77616E61  # PostgreSQL advisory lock: one refresh at a time
 
 
-def _least(conn: Connection, a: Any, b: Any) -> Any:
-    return func.least(a, b) if conn.dialect.name == "postgresql" else func.min(a, b)
+def _same_session(a: Any, b: Any) -> ColumnElement[bool]:
+    """Rows of `a` and `b` (tables, aliases or `.c` collections) about the same session in the same flow."""
+    return and_(a.phone_number_id == b.phone_number_id, a.user_id == b.user_id, a.flow == b.flow)
 
 
 def refresh_rollups(db: Database, now: datetime | None = None) -> int:
@@ -320,47 +320,51 @@ def refresh_rollups(db: Database, now: datetime | None = None) -> int:
         if high is None or high <= low:
             return 0
         in_range = and_(t.id > low, t.id <= high)
-        other = aliased(StepReach)
-        # Rows go in with their entered_at (the session's earliest time in the flow, from this batch or from the
-        # rollup) and are rewritten only when a time moves earlier: no second version of every row, whose dead
-        # copies bloated the table and the funnel's index.
-        held = (
-            select(func.min(other.first_at))
-            .where(other.phone_number_id == t.phone_number_id, other.user_id == t.user_id, other.flow == t.flow)
-            .scalar_subquery()
-        )
-        batch = func.min(func.min(t.at)).over(partition_by=(t.phone_number_id, t.user_id, t.flow))
+        # Each row is written with its entered_at (the session's earliest first time in the flow) and rewritten
+        # only when a time moves earlier: no second version of every row (their dead copies bloated the table
+        # and the funnel's index to twice their size).
         firsts = (
-            select(t.phone_number_id, t.user_id, t.flow, t.to_step, func.min(t.at),
-                   _least(conn, batch, func.coalesce(held, batch)))
+            select(t.phone_number_id, t.user_id, t.flow, t.to_step.label("step"), func.min(t.at).label("first_at"))
             .where(in_range, t.outcome.not_in(NOT_PROGRESS))
             .group_by(t.phone_number_id, t.user_id, t.flow, t.to_step)
+            .cte("firsts")
+        )
+        earliest = (
+            select(firsts.c.phone_number_id, firsts.c.user_id, firsts.c.flow,
+                   func.min(firsts.c.first_at).label("first_at"))
+            .group_by(firsts.c.phone_number_id, firsts.c.user_id, firsts.c.flow)
+            .cte("earliest")
+        )
+        # A message delivered late can move a session's entry earlier: its rows already in the rollup follow.
+        conn.execute(
+            update(StepReach)
+            .where(_same_session(r, earliest.c), earliest.c.first_at < r.entered_at)
+            .values(entered_at=earliest.c.first_at)
+        )
+        # The entry time the rollup already holds for these sessions. A join, read once: a lookup per row could be
+        # planned as a scan of the rollup, repeated while this very statement fills it (on the first build).
+        held = aliased(StepReach)
+        existing = (
+            select(held.phone_number_id, held.user_id, held.flow, func.min(held.entered_at).label("entered_at"))
+            .join(earliest, _same_session(held, earliest.c))
+            .group_by(held.phone_number_id, held.user_id, held.flow)
+            .cte("existing")
+        )
+        rows = (
+            select(firsts, func.coalesce(existing.c.entered_at, earliest.c.first_at))
+            .join(earliest, _same_session(firsts.c, earliest.c))
+            .outerjoin(existing, _same_session(firsts.c, existing.c))
+            .where(true())  # SQLite parses an upsert's SELECT only with a WHERE
         )
         dml = insert_for(conn.dialect.name)
         upsert = dml(StepReach).from_select(
-            ["phone_number_id", "user_id", "flow", "step", "first_at", "entered_at"], firsts
+            ["phone_number_id", "user_id", "flow", "step", "first_at", "entered_at"], rows
         )
-        new = upsert.excluded
         conn.execute(upsert.on_conflict_do_update(
             index_elements=["phone_number_id", "user_id", "flow", "step"],
-            set_={"first_at": _least(conn, new.first_at, r.first_at), "entered_at": new.entered_at},
-            where=or_(new.first_at < r.first_at, r.entered_at.is_distinct_from(new.entered_at)),
+            set_={"first_at": upsert.excluded.first_at},
+            where=upsert.excluded.first_at < r.first_at,
         ))
-        # The session's other rows, when its entered_at moved earlier (a message delivered late).
-        touched = select(t.phone_number_id, t.user_id).where(in_range).distinct().subquery("touched")
-        entered = (
-            select(other.phone_number_id, other.user_id, other.flow, func.min(other.first_at).label("entered_at"))
-            .join(touched, and_(touched.c.phone_number_id == other.phone_number_id,
-                                touched.c.user_id == other.user_id))
-            .group_by(other.phone_number_id, other.user_id, other.flow)
-            .subquery("entered")
-        )
-        conn.execute(
-            update(StepReach)
-            .where(r.phone_number_id == entered.c.phone_number_id, r.user_id == entered.c.user_id,
-                   r.flow == entered.c.flow, r.entered_at.is_distinct_from(entered.c.entered_at))
-            .values(entered_at=entered.c.entered_at)
-        )
         settled = conn.scalar(select(func.max(t.id)).where(in_range, t.applied_at <= now - SETTLE)) or low
         watermark = dml(AnalyticsWatermark).values(name=ROLLUP, last_id=settled, refreshed_at=now)
         conn.execute(watermark.on_conflict_do_update(
