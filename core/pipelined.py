@@ -20,15 +20,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import JSON, Dialect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.pool import PoolProxiedConnection
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import Insert
 from sqlalchemy.sql.expression import ClauseElement
@@ -41,6 +42,8 @@ from core.messages import InboundMessage
 
 if TYPE_CHECKING:
     from core.engine import Engine
+
+_R = TypeVar("_R")
 
 
 class _Compiled:
@@ -200,26 +203,11 @@ class PipelinedBatch(UserBatch):
 
 def apply_pipelined(engine: Engine, key: SessionKey, now: datetime) -> ApplyResult | None:
     """Apply one user's pending batch in one pipelined transaction; None when it must take the Core path."""
-    raw = _connection(engine, f"cannot apply messages of {key}")
-    try:
-        conn = cast(psycopg.Connection[Any], raw.driver_connection)
-        try:
-            with conn.pipeline() as pipeline:
-                result = PipelinedBatch(engine, conn, pipeline, key, now).run(skip_locked=False)
-                conn.commit()
-            return result
-        except BaseException:
-            if not conn.closed and not conn.broken:
-                conn.rollback()
-            raise
-    except _CorePathNeeded:
-        return None
-    except psycopg.Error as e:
-        if conn.closed or conn.broken:
-            raw.invalidate(e)
-        raise DatabaseUnavailableError(f"cannot apply messages of {key}: {first_line(e)}") from e
-    finally:
-        raw.close()
+
+    def work(conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> ApplyResult:
+        return PipelinedBatch(engine, conn, pipeline, key, now).run(skip_locked=False)
+
+    return _transaction(engine, f"cannot apply messages of {key}", work)
 
 
 def apply_pipelined_together(
@@ -229,29 +217,51 @@ def apply_pipelined_together(
     write and COMMIT in another. Sessions are locked in key order with SKIP LOCKED, so two appliers never
     deadlock and a user held elsewhere comes back `skipped_locked`. None when one of them needs the Core
     path (a number change): nothing was written."""
-    raw = _connection(engine, f"cannot apply messages of {len(keys)} users")
-    try:
-        conn = cast(psycopg.Connection[Any], raw.driver_connection)
+
+    def work(conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> dict[SessionKey, ApplyResult]:
+        batches = [PipelinedBatch(engine, conn, pipeline, key, now) for key in sorted(set(keys))]
+        reads = [batch.queue_reads(batch.limit + 1, skip_locked=True) for batch in batches]
+        started = time.perf_counter()
+        pipeline.sync()
+        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+        return {batch.key: batch.finish(batch.collect(r)) for batch, r in zip(batches, reads, strict=True)}
+
+    return _transaction(engine, f"cannot apply messages of {len(keys)} users", work)
+
+
+def _transaction(
+    engine: Engine, doing: str, work: Callable[[psycopg.Connection[Any], psycopg.Pipeline], _R]
+) -> _R | None:
+    """`work` and COMMIT in one pipelined transaction; rolled back on any error, None on `_CorePathNeeded`."""
+    with _pooled(engine, doing) as conn:
         try:
             with conn.pipeline() as pipeline:
-                batches = [PipelinedBatch(engine, conn, pipeline, key, now) for key in sorted(set(keys))]
-                reads = [batch.queue_reads(batch.limit + 1, skip_locked=True) for batch in batches]
-                started = time.perf_counter()
-                pipeline.sync()
-                metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-                results = {batch.key: batch.finish(batch.collect(r)) for batch, r in zip(batches, reads, strict=True)}
+                result = work(conn, pipeline)
                 conn.commit()
-            return results
-        except BaseException:
+            return result
+        except BaseException as e:
             if not conn.closed and not conn.broken:
                 conn.rollback()
+            if isinstance(e, _CorePathNeeded):
+                return None
             raise
-    except _CorePathNeeded:
-        return None
+
+
+@contextmanager
+def _pooled(engine: Engine, doing: str) -> Iterator[psycopg.Connection[Any]]:
+    """The psycopg connection under a pooled SQLAlchemy one. Database errors become DatabaseUnavailableError
+    naming what was being done; a broken connection leaves the pool."""
+    try:
+        raw = engine.db.engine.raw_connection()
+    except (psycopg.Error, DBAPIError) as e:
+        raise DatabaseUnavailableError(f"{doing}: {first_line(e)}") from e
+    conn = cast(psycopg.Connection[Any], raw.driver_connection)
+    try:
+        yield conn
     except psycopg.Error as e:
         if conn.closed or conn.broken:
             raw.invalidate(e)
-        raise DatabaseUnavailableError(f"cannot apply messages of {len(keys)} users: {first_line(e)}") from e
+        raise DatabaseUnavailableError(f"{doing}: {first_line(e)}") from e
     finally:
         raw.close()
 
@@ -270,25 +280,10 @@ def store_events(engine: Engine, messages: list[InboundMessage], now: datetime) 
     The messages travel as one JSON array (serialized by pydantic's core) and the key columns are read
     from it on the server."""
     document = "[" + ",".join(m.model_dump_json() for m in messages) + "]"
-    raw = _connection(engine, "cannot store messages")
-    try:
-        conn = cast(psycopg.Connection[Any], raw.driver_connection)
+    with _pooled(engine, "cannot store messages") as conn:
         conn.autocommit = True  # one statement, atomic on its own: no BEGIN/COMMIT round trips
         try:
             return {(phone, wamid) for phone, wamid in conn.execute(_STORE_EVENTS, (now, document)).fetchall()}
         finally:
             if not conn.closed:
                 conn.autocommit = False
-    except psycopg.Error as e:
-        if conn.closed or conn.broken:
-            raw.invalidate(e)
-        raise DatabaseUnavailableError(f"cannot store messages: {first_line(e)}") from e
-    finally:
-        raw.close()
-
-
-def _connection(engine: Engine, doing: str) -> PoolProxiedConnection:
-    try:
-        return engine.db.engine.raw_connection()
-    except (psycopg.Error, DBAPIError) as e:
-        raise DatabaseUnavailableError(f"{doing}: {first_line(e)}") from e
