@@ -1,0 +1,71 @@
+"""Follow-up campaigns: define, validate, preview who they would reach, and measure what they did.
+
+The dashboard and the CLI manage campaigns only through these functions; `jobs/followups.py` sends them.
+`plan_followup` is the one pure rule deciding when and how a stalled session gets a follow-up, used both
+by the job and by `preview_targets`, so the preview shows exactly what the job will do.
+"""
+
+from core.campaigns.planning import (
+    FollowUpPlan,
+    History,
+    SessionFacts,
+    in_quiet_hours,
+    plan_followup,
+    quiet_end_after,
+    window_expires,
+)
+from core.campaigns.results import (
+    PREVIEW_COLUMNS,
+    RECOVERING_OUTCOMES,
+    RESULT_COLUMNS,
+    campaign_results,
+    failures_by_code,
+    preview_targets,
+)
+from core.campaigns.spec import (
+    WINDOW_CLOSED_CODE,
+    WINDOW_SAFETY,
+    CampaignSpec,
+    build_spec,
+    create_campaign,
+    get_campaign,
+    list_campaigns,
+    parse_duration,
+    set_active,
+    spec_of,
+    update_campaign,
+)
+from core.campaigns.targeting import FACT_COLUMNS, PastFollowUp, facts_of, history_of, load_histories, stall_filter
+
+__all__ = [
+    "CampaignSpec",
+    "FACT_COLUMNS",
+    "FollowUpPlan",
+    "History",
+    "PREVIEW_COLUMNS",
+    "PastFollowUp",
+    "RECOVERING_OUTCOMES",
+    "RESULT_COLUMNS",
+    "SessionFacts",
+    "WINDOW_CLOSED_CODE",
+    "WINDOW_SAFETY",
+    "build_spec",
+    "campaign_results",
+    "create_campaign",
+    "facts_of",
+    "failures_by_code",
+    "get_campaign",
+    "history_of",
+    "in_quiet_hours",
+    "list_campaigns",
+    "load_histories",
+    "parse_duration",
+    "plan_followup",
+    "preview_targets",
+    "quiet_end_after",
+    "set_active",
+    "spec_of",
+    "stall_filter",
+    "update_campaign",
+    "window_expires",
+]

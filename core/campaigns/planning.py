@@ -1,0 +1,128 @@
+"""When and how a stalled session gets a follow-up: pure rules (quiet hours, 24 h window, templates)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+from core.campaigns.spec import _PARAM_KEY, WINDOW_SAFETY, CampaignLike
+from core.machine import TEXT_BODY_MAX, render
+from core.views import SERVICE_WINDOW
+
+
+@dataclass(frozen=True)
+class SessionFacts:
+    phone_number_id: str
+    user_id: str
+    language: str | None
+    data: dict[str, Any]
+    last_inbound_at: datetime
+    window_closed_at: datetime | None
+    opted_out: bool
+
+
+@dataclass(frozen=True)
+class History:
+    """This campaign's follow-ups to one session."""
+
+    next_attempt: int = 1
+    sent_this_stall: int = 0  # queued follow-ups since the user's last message (a 131047 failure does not count)
+    skipped_this_stall: bool = False
+    last_sent_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class FollowUpPlan:
+    due_at: datetime | None  # None: nothing more will be sent in this stall
+    action: str  # text | template | skip | none
+    reason: str | None
+    window_open: bool
+    kind: str | None = None
+    body: dict[str, Any] | None = None
+    text: str | None = None
+    template: str | None = None
+
+
+def in_quiet_hours(campaign: CampaignLike, at: datetime) -> bool:
+    if not campaign.quiet_start or not campaign.quiet_end:
+        return False
+    local = at.astimezone(ZoneInfo(campaign.timezone)).time()
+    start, end = _hhmm(campaign.quiet_start), _hhmm(campaign.quiet_end)
+    if start == end:
+        return False
+    return start <= local < end if start < end else (local >= start or local < end)
+
+
+def quiet_end_after(campaign: CampaignLike, at: datetime) -> datetime:
+    """`at` itself when it is outside quiet hours, else the first moment after them."""
+    if not in_quiet_hours(campaign, at):
+        return at
+    assert campaign.quiet_end is not None
+    zone = ZoneInfo(campaign.timezone)
+    local = at.astimezone(zone)
+    end = _hhmm(campaign.quiet_end)
+    candidate = datetime.combine(local.date(), end, tzinfo=zone)
+    if candidate <= local:
+        candidate = datetime.combine(local.date() + timedelta(days=1), end, tzinfo=zone)
+    return candidate.astimezone(at.tzinfo)
+
+
+def _hhmm(value: str) -> time:
+    hours, minutes = value.split(":")
+    return time(int(hours), int(minutes))
+
+
+def window_expires(facts: SessionFacts) -> datetime | None:
+    """Same rule as core.views.window_expires_at: a 131047 after the last message closes the window."""
+    if facts.window_closed_at is not None and facts.window_closed_at >= facts.last_inbound_at:
+        return None
+    return facts.last_inbound_at + SERVICE_WINDOW
+
+
+def plan_followup(campaign: CampaignLike, facts: SessionFacts, history: History, now: datetime) -> FollowUpPlan:
+    """When and how this session gets its next follow-up from this campaign (pure: no I/O, no clock)."""
+    delay = timedelta(seconds=campaign.delay_seconds)
+    due = facts.last_inbound_at + delay
+    if history.sent_this_stall and history.last_sent_at is not None:
+        due = max(due, history.last_sent_at + delay)
+    due = quiet_end_after(campaign, max(due, now))
+    expires = window_expires(facts)
+    window_open = expires is not None and expires > due + WINDOW_SAFETY
+    if facts.opted_out:
+        return FollowUpPlan(None, "none", "opted out", window_open)
+    if history.sent_this_stall >= campaign.max_sends:
+        return FollowUpPlan(None, "none", f"max sends reached ({campaign.max_sends})", window_open)
+    if history.skipped_this_stall:
+        return FollowUpPlan(None, "none", "skipped earlier in this stall", window_open)
+    if window_open and campaign.text:
+        text = render(campaign.text, facts.data)[:TEXT_BODY_MAX]
+        body = {"type": "text", "text": {"body": text}}
+        return FollowUpPlan(due, "text", None, window_open, kind="text", body=body, text=text)
+    if campaign.template_name:
+        return _template_plan(campaign, facts, due, window_open)
+    reason = "outside the 24 h window and no template configured"
+    return FollowUpPlan(due, "skip", reason, window_open)
+
+
+def _template_plan(campaign: CampaignLike, facts: SessionFacts, due: datetime, window_open: bool) -> FollowUpPlan:
+    values: list[str] = []
+    for param in campaign.template_params or []:
+        match = _PARAM_KEY.fullmatch(param)
+        if match is None:
+            values.append(param)
+            continue
+        value = facts.data.get(match[1])
+        if value is None or str(value).strip() == "":
+            reason = f"template parameter {param} is not in the session data"
+            return FollowUpPlan(due, "skip", reason, window_open)
+        values.append(str(value))
+    template: dict[str, Any] = {"name": campaign.template_name, "language": {"code": campaign.template_language}}
+    if values:
+        template["components"] = [{"type": "body", "parameters": [{"type": "text", "text": v} for v in values]}]
+    body = {"type": "template", "template": template}
+    return FollowUpPlan(
+        due, "template", None, window_open, kind="template", body=body,
+        text=" | ".join(values) or None, template=f"{campaign.template_name} ({campaign.template_language})",
+    )
