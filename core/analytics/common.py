@@ -126,13 +126,7 @@ def _quantiles(
 
 
 def _transition_filters(filters: Filters, *, dates: bool = True) -> list[ColumnElement[bool]]:
-    clauses: list[ColumnElement[bool]] = []
-    if filters.flow:
-        clauses.append(Transition.flow == filters.flow)
-    if filters.phone_number_id:
-        clauses.append(Transition.phone_number_id == filters.phone_number_id)
-    if filters.language:
-        clauses.append(Transition.language == filters.language)
+    clauses = _segment_filters(Transition, filters)
     if dates and filters.since:
         clauses.append(Transition.at >= filters.since)
     if dates and filters.until:
@@ -141,13 +135,18 @@ def _transition_filters(filters: Filters, *, dates: bool = True) -> list[ColumnE
 
 
 def _session_filters(filters: Filters) -> list[ColumnElement[bool]]:
+    return _segment_filters(ChatSession, filters)
+
+
+def _segment_filters(model: type[Transition] | type[ChatSession], filters: Filters) -> list[ColumnElement[bool]]:
+    """Flow, business number and language: columns both transitions and sessions carry."""
     clauses: list[ColumnElement[bool]] = []
     if filters.flow:
-        clauses.append(ChatSession.flow == filters.flow)
+        clauses.append(model.flow == filters.flow)
     if filters.phone_number_id:
-        clauses.append(ChatSession.phone_number_id == filters.phone_number_id)
+        clauses.append(model.phone_number_id == filters.phone_number_id)
     if filters.language:
-        clauses.append(ChatSession.language == filters.language)
+        clauses.append(model.language == filters.language)
     return clauses
 
 
