@@ -246,4 +246,4 @@ def test_run_command_on_postgresql(start_demo: StartDemo, pg_url: str) -> None:
     assert duplicates == 0
     assert pending == 0
     assert statuses > 0  # the jobs process sent (dry-run) and the simulator reported delivery
-    assert {"sender", "followups"} <= jobs, jobs
+    assert "sender" in jobs, jobs  # the jobs scheduler ran on PostgreSQL (the statuses above wait for its sends)
