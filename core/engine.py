@@ -58,6 +58,11 @@ class Engine:
         for flow_name in {self.settings.default_flow, *self.settings.routes.values()}:
             self.flows.latest(flow_name)  # an unknown routed flow fails at start-up, not on a user's message
 
+    @property
+    def pipelines(self) -> bool:
+        """Whether applies take PostgreSQL's pipelined path (core.pipelined); the naive control never does."""
+        return self.db.is_postgres and self.lock_sessions
+
     # ----------------------------------------------------------------------------------------- ingest
     def ingest(self, messages: Sequence[InboundMessage], *, now: datetime | None = None) -> IngestResult:
         """Store each message once. Returns the session keys that received new messages."""
@@ -116,7 +121,7 @@ class Engine:
         now = now or datetime.now(UTC)
         try:
             result = None
-            if self.db.is_postgres and self.lock_sessions and not skip_locked:
+            if self.pipelines and not skip_locked:
                 result = apply_pipelined(self, key, now)
             if result is None:
                 with self.db.begin() as conn:
@@ -143,7 +148,7 @@ class Engine:
         transaction could not be used (a number change, SQLite, or any error: one user must not hold back
         the others)."""
         keys = list(dict.fromkeys(keys))
-        if len(keys) < 2 or not (self.db.is_postgres and self.lock_sessions):
+        if len(keys) < 2 or not self.pipelines:
             return keys
         started = time.perf_counter()
         try:

@@ -59,11 +59,7 @@ class ApplyWorker:
                 self.queued.difference_update(keys)
             # Under load the queue holds many users: they are applied together (one transaction, two round
             # trips); whoever that leaves (locked elsewhere, more pending, errors) goes one by one.
-            try:
-                rest = self.engine.apply_together(keys)
-            except Exception:
-                rest = keys
-            for key in rest:
+            for key in self.engine.apply_together(keys):
                 try:
                     self.engine.apply_all(key)
                 except WaflowError as e:

@@ -1059,6 +1059,9 @@ class _RecordingEngine:
         self.applied: list[tuple[str, str]] = []
         self.release = threading.Event()
 
+    def apply_together(self, keys: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        return list(dict.fromkeys(keys))  # as the engine on SQLite: every user is then applied one by one
+
     def apply_all(self, key: tuple[str, str]) -> int:
         self.release.wait(5)
         self.applied.append(key)
