@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -152,3 +154,18 @@ def settings(database_url: str, flows_dir: Path) -> Settings:
 @pytest.fixture
 def engine(db: Database, registry: FlowRegistry, settings: Settings) -> Engine:
     return Engine(db, registry, settings)
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def metric_total(exposition: str, sample: str, **labels: str) -> float:
+    """The sum of one sample's values in Prometheus text, over series carrying `labels`."""
+    return sum(
+        s.value for family in text_string_to_metric_families(exposition) for s in family.samples
+        if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items())
+    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from core.auth import hash_password
+from tests.conftest import free_port
 from tests.test_dashboard_apptest import seed_database
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,12 +52,6 @@ def _require_chromium() -> None:
     pytest.skip(reason)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_healthy(base: str, process: subprocess.Popen[bytes], log: Path, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -78,7 +72,7 @@ def dashboard(sqlite_template: Path, tmp_path: Path) -> Iterator[str]:
     database = tmp_path / "dashboard.db"
     shutil.copyfile(sqlite_template, database)
     seed_database(f"sqlite:///{database}", datetime.now(UTC))
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "DATABASE_URL": f"sqlite:///{database}",

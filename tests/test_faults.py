@@ -13,7 +13,6 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -23,20 +22,12 @@ from sqlalchemy import text
 
 from core.db import Database
 from core.signature import sign
-from tests.conftest import RUN_ID, PgServer, pg_admin_url
+from tests.conftest import PgServer, pg_admin_url
 from tests.test_webhook_e2e import PN, SECRET, TS, Server, server_env, text_body, transitions_by_wamid
 
 pytestmark = pytest.mark.slow
 
 Outcome = int | str  # an HTTP status, or the name of the exception the client saw
-
-
-@pytest.fixture
-def fault_db(pg_server: PgServer) -> Iterator[str]:
-    name = f"waflow_fault_{RUN_ID}_{uuid.uuid4().hex[:8]}"
-    url = pg_server.create(name, template=pg_server.template)
-    yield url
-    pg_server.drop(name)
 
 
 class Burst:
@@ -141,10 +132,10 @@ def assert_exactly_once(db: Database, burst: Burst, prefix: str) -> None:
     assert versions == per_user
 
 
-def test_kill_9_during_a_burst_loses_and_duplicates_nothing(fault_db: str, flows_dir: Path, tmp_path: Path) -> None:
-    env = server_env(fault_db, flows_dir)
+def test_kill_9_during_a_burst_loses_and_duplicates_nothing(pg_url: str, flows_dir: Path, tmp_path: Path) -> None:
+    env = server_env(pg_url, flows_dir)
     server = Server(env, tmp_path / "server.log").start()
-    db = Database(fault_db)
+    db = Database(pg_url)
     run = uuid.uuid4().hex[:8]
     prefix = f"wamid.FAULT.{run}."
     burst = Burst(server, run).start()
@@ -206,13 +197,13 @@ def _start_postgres() -> None:
 
 
 def test_database_outage_answers_only_503_and_loses_nothing(
-    fault_db: str, flows_dir: Path, tmp_path: Path, pg_server: PgServer
+    pg_url: str, flows_dir: Path, tmp_path: Path, pg_server: PgServer
 ) -> None:
     if not Path("/etc/postgresql").is_dir():
         pytest.skip("no local PostgreSQL cluster to stop")
-    env = server_env(fault_db, flows_dir)
+    env = server_env(pg_url, flows_dir)
     server = Server(env, tmp_path / "server.log").start()
-    db = Database(fault_db)
+    db = Database(pg_url)
     run = uuid.uuid4().hex[:8]
     prefix = f"wamid.FAULT.{run}."
     burst = Burst(server, run).start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from core.models import FollowUp, JobRun, Outbox
 from jobs.runs import last_runs, run_job
 from jobs.scheduler import EPOCH, slot_of
 from tests import graph_server as g
-from tests.conftest import ROOT, make_settings
+from tests.conftest import ROOT, free_port, make_settings, metric_total
 from tests.factories import text
 
 NOW = datetime(2026, 5, 4, 9, 0, tzinfo=UTC)
@@ -175,7 +174,7 @@ def test_two_live_schedulers_run_each_job_once(pg_url: str, flows_dir: Path, reg
             ARCHIVE_INTERVAL_SECONDS="1", SWEEPER_INTERVAL_SECONDS="1",
         )
         logs = [tmp_path / f"scheduler{i}.log" for i in range(2)]
-        ports = [_free_port() for _ in logs]
+        ports = [free_port() for _ in logs]
         procs = [
             subprocess.Popen([sys.executable, "-m", "jobs"], cwd=ROOT, env={**env, "JOBS_METRICS_PORT": str(port)},
                              stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -193,7 +192,8 @@ def test_two_live_schedulers_run_each_job_once(pg_url: str, flows_dir: Path, reg
                 with db.session() as s:
                     total = s.scalar(select(func.count()).select_from(Outbox))
                     sent = s.scalar(select(func.count()).select_from(Outbox).where(Outbox.status == "sent"))
-                counted = sum(_sent_count(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text)
+                counted = sum(metric_total(requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text,
+                                           "waflow_outbox_results_total", result="sent")
                               for port in ports)
                 return bool(total) and counted == sent == total
 
@@ -237,12 +237,3 @@ def test_two_live_schedulers_run_each_job_once(pg_url: str, flows_dir: Path, reg
     db.dispose()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _sent_count(exposition: str) -> float:
-    return sum(float(line.split()[-1]) for line in exposition.splitlines()
-               if line.startswith('waflow_outbox_results_total{result="sent"}'))

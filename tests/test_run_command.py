@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import text
 
 from core.db import Database
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = ROOT / "scripts" / "run.sh"
@@ -31,12 +32,6 @@ SCRUBBED = ("WHATSAPP_APP_SECRET", "WHATSAPP_VERIFY_TOKEN", "ADMIN_TOKEN", "FLOW
             "DASHBOARD_USERS", "WAFLOW_SIMULATE_USERS", "WAFLOW_EXIT_AFTER_SEED", "WAFLOW_SIMULATE_SPEED")
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _port_in_use(port: int) -> bool:
@@ -99,7 +94,7 @@ def start_demo(tmp_path: Path) -> Iterator[StartDemo]:
         n = len(started)
         db_path, log_dir = tmp_path / f"demo-{n}.db", tmp_path / f"logs-{n}"
         marker = database_url or f"sqlite:///{db_path}"
-        web_port, dash_port = _free_port(), _free_port()
+        web_port, dash_port = free_port(), free_port()
         env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
         env.update(DATABASE_URL=marker, WAFLOW_PORT=str(web_port), DASHBOARD_PORT=str(dash_port),
                    WAFLOW_LOG_DIR=str(log_dir), **extra)
@@ -210,7 +205,7 @@ def test_a_busy_port_is_refused_with_one_clear_line(tmp_path: Path) -> None:
         port = busy.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if k not in SCRUBBED}
         env.update(DATABASE_URL=f"sqlite:///{tmp_path / 'w.db'}", WAFLOW_PORT=str(port),
-                   DASHBOARD_PORT=str(_free_port()), WAFLOW_LOG_DIR=str(tmp_path / "logs"))
+                   DASHBOARD_PORT=str(free_port()), WAFLOW_LOG_DIR=str(tmp_path / "logs"))
         result = subprocess.run(["bash", str(RUN)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"run.sh: port {port} is in use: set WAFLOW_PORT to a free port"

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from core.engine import Engine
 from core.flows import load_flows
 from core.messages import InboundMessage
 from core.signature import sign
-from tests.conftest import ROOT, RUN_ID, PgServer
+from tests.conftest import ROOT, RUN_ID, PgServer, free_port, metric_total
 
 DATA = Path(__file__).parent / "data" / "webhook"
 SECRET = "test-app-secret"
@@ -40,12 +39,6 @@ ADMIN_TOKEN = "test-admin-token"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 PN = "100000000000111"
 TS = 1767268800
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def server_env(database_url: str, flows_dir: Path, **extra: str) -> dict[str, str]:
@@ -397,10 +390,5 @@ def test_metrics_with_several_workers_count_every_process(pg_url: str, flows_dir
 
 
 def _stored_and_applied(exposition: str) -> tuple[float, float]:
-    stored = applied = 0.0
-    for line in exposition.splitlines():
-        if line.startswith("waflow_messages_stored_total "):
-            stored += float(line.split()[-1])
-        elif line.startswith('waflow_messages_applied_total{result="applied"}'):
-            applied += float(line.split()[-1])
-    return stored, applied
+    return (metric_total(exposition, "waflow_messages_stored_total"),
+            metric_total(exposition, "waflow_messages_applied_total", result="applied"))
