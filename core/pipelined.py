@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
+from functools import cache
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
@@ -75,7 +76,7 @@ class _PgStatements:
         self.dialect = dialect
         self.source: Statements = statements("postgresql")
         self.cache: dict[tuple[str, tuple[str, ...]], _Compiled] = {}
-        self.writes: dict[object, str] = {}
+        self.write_sql: dict[object, str] = {}
 
     def get(self, name: str, params: dict[str, Any]) -> _Compiled:
         shape = (name, tuple(params))
@@ -87,7 +88,6 @@ class _PgStatements:
             compiled = self.cache[shape] = _Compiled(statement, self.dialect, keys)
         return compiled
 
-
     def write(self, writes: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
         """All of a batch's writes as one statement: inserted rows travel as one JSON document per table
         (jsonb_to_recordset; dumping a JSON string costs the client a fraction of one array per column), so
@@ -96,7 +96,7 @@ class _PgStatements:
         inserts = {name: tuple(writes[name][0]) for name in _JSON_INSERTS if writes.get(name)}
         marks = bool(writes.get("mark_event"))
         shape = (state, tuple(inserts.items()), marks)
-        sql = self.writes.get(shape)
+        sql = self.write_sql.get(shape)
         params: dict[str, Any] = {}
         ctes = []
         for name, columns in inserts.items():
@@ -121,7 +121,7 @@ class _PgStatements:
             params.update(compiled.params(writes[state][0]))
         if sql is None:
             main = compiled.sql if state is not None else "SELECT 1"
-            sql = self.writes[shape] = (f"WITH {', '.join(ctes)} " if ctes else "") + main
+            sql = self.write_sql[shape] = (f"WITH {', '.join(ctes)} " if ctes else "") + main
         return sql, params
 
 
@@ -138,7 +138,9 @@ def _json_default(value: object) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-_COMPILED: dict[int, _PgStatements] = {}
+@cache
+def _pg_statements(dialect: Dialect) -> _PgStatements:
+    return _PgStatements(dialect)
 
 
 class _CorePathNeeded(Exception):
@@ -153,8 +155,7 @@ class PipelinedBatch(UserBatch):
         super().__init__(engine, key, now)
         self.conn = conn
         self.pipeline = pipeline
-        dialect = engine.db.engine.dialect
-        self.sql = _COMPILED.get(id(dialect)) or _COMPILED.setdefault(id(dialect), _PgStatements(dialect))
+        self.sql = _pg_statements(engine.db.engine.dialect)
 
     def _execute(self, cursor: psycopg.Cursor[Any], name: str, params: dict[str, Any]) -> None:
         statement = self.sql.get(name, params)
