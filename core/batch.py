@@ -129,6 +129,8 @@ class UserBatch:
         self.transitions: list[dict[str, Any]] = []
         self.outbox: list[dict[str, Any]] = []
         self.results: dict[str, list[int]] = {}
+        self.original_version = 0  # the session's version when the batch read it (or last wrote it)
+        self.written_transitions = 0  # written before the end of the batch (a number change flushes)
 
     @property
     def limit(self) -> int:
@@ -148,15 +150,16 @@ class UserBatch:
         more = len(pending) > limit
         pending = pending[:limit]
         self.session = row
-        original_version = self.session["version"]
+        self.original_version = self.session["version"]
         for item in pending:
             if self._apply_one(item):
                 break  # the session moved to a new number; later messages wait for the next batch
-        self._write(original_version)
+        self._write(self.original_version)
         applied = sum(len(ids) for ids in self.results.values())
         for result, ids in self.results.items():
             metrics.MESSAGES_APPLIED.labels(result).inc(len(ids))
-        return ApplyResult(applied=applied, transitions=len(self.transitions), more_pending=more)
+        transitions = self.written_transitions + len(self.transitions)
+        return ApplyResult(applied=applied, transitions=transitions, more_pending=more)
 
     def _load(self, limit: int, *, skip_locked: bool) -> tuple[dict[str, Any] | None, list[Pending]] | None:
         """The locked session row and up to `limit` pending messages; None when the row is locked and
@@ -327,6 +330,7 @@ class UserBatch:
     def _mark(self, event_id: int, result: str) -> None:
         self.results.setdefault(result, []).append(event_id)
 
+
 class CoreBatch(UserBatch):
     """The batch on a SQLAlchemy Core connection, one statement at a time."""
 
@@ -370,7 +374,7 @@ class CoreBatch(UserBatch):
         if taken is not None:
             log.warning("user %s changed number to %s, which already has a session; not merged", old_user, new_user_id)
             return "ignored"
-        self._write_state(self.session["version"])
+        self._flush()  # what this batch applied before the change is written, then moves with the rest
         for model in (ChatSession, Transition, Outbox):
             self.conn.execute(
                 update(model)
@@ -395,9 +399,13 @@ class CoreBatch(UserBatch):
         for name, rows in self._writes(original_version):
             self.conn.execute(getattr(self.sql, name), _rows(rows))
 
-    def _write_state(self, original_version: int) -> None:
-        for name, rows in self._state_write(original_version):
-            self.conn.execute(getattr(self.sql, name), _rows(rows))
+    def _flush(self) -> None:
+        """Write everything decided so far; the processed marks are written again at the end, a no-op."""
+        self._write(self.original_version)
+        self.original_version = self.session["version"]
+        self.written_transitions += len(self.transitions)
+        self.transitions.clear()
+        self.outbox.clear()
 
 
 def _rows(rows: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:

@@ -172,6 +172,15 @@ def test_user_changed_number_moves_session(engine: Engine, db: Database) -> None
     assert moved is not None
     assert moved.current_step == "ask_city"
     assert transition_count(db, user_id="14155559999") == 3
+    # a message and the number change in one batch: what the message did moves with the session
+    deliver(engine, text("14155551111", "hi", BASE_TS), text("14155551111", "Dana", BASE_TS + 1),
+            of_kind("14155551111", "system", BASE_TS + 2, new_user_id="14155552222", text="User changed number"))
+    assert session_row(db, "14155551111") is None
+    moved = session_row(db, "14155552222")
+    assert moved is not None
+    assert (moved.status, moved.current_step, moved.data, moved.version) == ("active", "ask_email", {"name": "Dana"}, 2)
+    assert transition_count(db, user_id="14155552222") == 2
+    assert transition_count(db, user_id="14155551111") == 0
     # a number change for a user we never saw creates nothing
     deliver(engine, of_kind("14155550000", "system", BASE_TS, new_user_id="14155550001"))
     assert session_row(db, "14155550000") is None
