@@ -3,11 +3,14 @@
     .venv/bin/python bench/engine.py [--messages 4000] [--workers 1,4,16] [--rate 200]
 
 Each scenario runs in a fresh database created (and dropped) on the server of BENCH_DATABASE_URL /
-TEST_DATABASE_URL. Every worker is an OS process with its own engine and pool, delivering messages the way
-the webhook does (store, then apply that user). Printed per scenario: throughput, p50/p99 latency of
-store+apply per message, the raw `INSERT ... ON CONFLICT DO UPDATE` loop with the same worker count
-in the same run (before and after ours), our throughput as a ratio of their mean, and lost/duplicated
-transitions checked in the database.
+TEST_DATABASE_URL. Every worker is an OS process with its own engine and pool, handing over one message at
+a time by one of two paths:
+  deliver  `Engine.deliver`: store and apply in one transaction (a synchronous consumer's way);
+  2-step   `Engine.ingest`, then `apply_all` for that user: two transactions (the webhook's way, which
+           must acknowledge once the message is stored, before applying it).
+Printed per scenario: throughput, p50/p99 latency of store+apply per message, the raw
+`INSERT ... ON CONFLICT DO UPDATE` loop with the same worker count in the same run (before and after ours),
+our throughput as a ratio of their mean, and lost/duplicated transitions checked in the database.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from core.models import ChatSession, Transition  # noqa: E402
 BASE_TS = 1_767_268_800
 FLOWS_DIR = ROOT / "tests" / "data" / "flows"
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+PATHS = ("deliver", "2-step")
 
 
 def _message(user: str, i: int, run: str, worker: int) -> dict[str, object]:
@@ -66,7 +70,9 @@ def _plans(scenario: str, workers: int, messages: int, run: str) -> list[list[di
     return plans
 
 
-def _worker(url: str, plan: list[dict[str, object]], start_at: float, rate: float | None) -> list[float]:
+def _worker(
+    url: str, plan: list[dict[str, object]], start_at: float, rate: float | None, path: str
+) -> list[float]:
     settings = Settings(database_url=url, flows_dir=FLOWS_DIR, default_flow="counter")
     db = Database(url, pool_size=1, max_overflow=1)
     engine = Engine(db, load_flows(FLOWS_DIR), settings)
@@ -79,9 +85,11 @@ def _worker(url: str, plan: list[dict[str, object]], start_at: float, rate: floa
             due = began + n / rate
             time.sleep(max(0.0, due - time.perf_counter()))
         t0 = time.perf_counter()
-        result = engine.ingest([message])
-        for key in result.session_keys:
-            engine.apply_all(key)
+        if path == "deliver":
+            engine.deliver([message])
+        else:
+            for key in engine.ingest([message]).session_keys:
+                engine.apply_all(key)
         latencies.append(time.perf_counter() - t0)
     db.dispose()
     return latencies
@@ -123,7 +131,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run_engine(
-    server: Server, scenario: str, workers: int, messages: int, rate: float | None = None
+    server: Server, scenario: str, path: str, workers: int, messages: int, rate: float | None = None
 ) -> dict[str, float]:
     name, url = server.fresh()
     try:
@@ -132,7 +140,7 @@ def run_engine(
         start_at = time.time() + 2.0 + workers * 0.15
         per_worker_rate = rate / workers if rate else None
         with ctx.Pool(workers) as pool:
-            jobs = [pool.apply_async(_worker, (url, plan, start_at, per_worker_rate)) for plan in plans]
+            jobs = [pool.apply_async(_worker, (url, plan, start_at, per_worker_rate, path)) for plan in plans]
             results = [job.get(timeout=1800) for job in jobs]
         wall = time.time() - start_at
         latencies = [x for r in results for x in r]
@@ -191,26 +199,32 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="fixed rate for the latency run (messages/s)")
     args = parser.parse_args()
     server = Server(os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL") or DEFAULT_URL)
-    print(f"{'scenario':<10}{'workers':>8}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'raw/s':>10}{'ratio':>7}"
+    print(f"{'scenario':<10}{'path':<9}{'workers':>8}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'raw/s':>10}{'ratio':>7}"
           f"{'lost':>6}{'dup':>5}")
     failed = False
     for workers in [int(w) for w in args.workers.split(",")]:
         # The raw loop swings with the server's WAL and checkpoint state: it runs before and after our
         # scenarios and the ratio uses the mean of the two.
         raw_before = run_raw(server, workers, args.messages)
-        rows = [(scenario, run_engine(server, scenario, workers, args.messages)) for scenario in ("uniform", "hot")]
+        rows = [
+            (scenario, path, run_engine(server, scenario, path, workers, args.messages))
+            for path in PATHS
+            for scenario in ("uniform", "hot")
+        ]
         raw_after = run_raw(server, workers, args.messages)
         raw = (raw_before + raw_after) / 2
-        for scenario, r in rows:
+        for scenario, path, r in rows:
             failed |= bool(r["lost"] or r["duplicated"])
-            print(f"{scenario:<10}{workers:>8}{r['per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            print(f"{scenario:<10}{path:<9}{workers:>8}{r['per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                   f"{raw:>10.0f}{r['per_s'] / raw:>7.2f}{int(r['lost']):>6}{int(r['duplicated']):>5}", flush=True)
-        print(f"{'':<10}{'':>8}  raw loop before / after: {raw_before:.0f} / {raw_after:.0f} per s", flush=True)
-    paced = run_engine(server, "uniform", 4, int(args.rate * 10), rate=args.rate)
-    failed |= bool(paced["lost"] or paced["duplicated"])
-    print(f"\nfixed rate {args.rate:.0f} msgs/s, 4 workers: achieved {paced['per_s']:.0f}/s, "
-          f"p50 {paced['p50_ms']:.2f} ms, p99 {paced['p99_ms']:.2f} ms (target < 20 ms), "
-          f"lost {int(paced['lost'])}, duplicated {int(paced['duplicated'])}")
+        print(f"{'':<27}  raw loop before / after: {raw_before:.0f} / {raw_after:.0f} per s", flush=True)
+    print()
+    for path in PATHS:
+        paced = run_engine(server, "uniform", path, 4, int(args.rate * 10), rate=args.rate)
+        failed |= bool(paced["lost"] or paced["duplicated"])
+        print(f"fixed rate {args.rate:.0f} msgs/s, 4 workers, {path}: achieved {paced['per_s']:.0f}/s, "
+              f"p50 {paced['p50_ms']:.2f} ms, p99 {paced['p99_ms']:.2f} ms (target < 20 ms), "
+              f"lost {int(paced['lost'])}, duplicated {int(paced['duplicated'])}", flush=True)
     return 1 if failed else 0
 
 

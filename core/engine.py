@@ -25,9 +25,9 @@ from core.errors import DatabaseUnavailableError
 from core.flows import FlowRegistry, default_flows_dir, load_flows
 from core.messages import InboundMessage
 from core.models import InboundEvent
-from core.pipelined import apply_pipelined, apply_pipelined_together, store_events
+from core.pipelined import apply_pipelined, apply_pipelined_together, deliver_pipelined, store_events
 
-__all__ = ["ApplyResult", "Engine", "IngestResult", "SessionKey"]
+__all__ = ["ApplyResult", "DeliverResult", "Engine", "IngestResult", "SessionKey"]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +37,33 @@ class IngestResult:
     stored: int
     duplicates: int
     session_keys: list[SessionKey]
+
+
+@dataclass(frozen=True)
+class DeliverResult:
+    stored: int
+    duplicates: int
+    applied: int
+
+
+def _unique(messages: Sequence[InboundMessage]) -> dict[tuple[str, str], InboundMessage]:
+    unique: dict[tuple[str, str], InboundMessage] = {}
+    for message in messages:
+        unique.setdefault((message.phone_number_id, message.wamid), message)
+    return unique
+
+
+def _counted(
+    messages: Sequence[InboundMessage], unique: dict[tuple[str, str], InboundMessage], stored: set[tuple[str, str]]
+) -> IngestResult:
+    keys: dict[SessionKey, None] = {}
+    for dedupe_key, message in unique.items():
+        if dedupe_key in stored:
+            keys.setdefault(message.session_key, None)
+    duplicates = len(messages) - len(stored)
+    metrics.MESSAGES_STORED.inc(len(stored))
+    metrics.DUPLICATES_DROPPED.inc(duplicates)
+    return IngestResult(len(stored), duplicates, list(keys))
 
 
 class Engine:
@@ -67,9 +94,7 @@ class Engine:
     def ingest(self, messages: Sequence[InboundMessage], *, now: datetime | None = None) -> IngestResult:
         """Store each message once. Returns the session keys that received new messages."""
         now = now or datetime.now(UTC)
-        unique: dict[tuple[str, str], InboundMessage] = {}
-        for message in messages:
-            unique.setdefault((message.phone_number_id, message.wamid), message)
+        unique = _unique(messages)
         if not unique:
             return IngestResult(0, len(messages), [])
         try:
@@ -79,14 +104,30 @@ class Engine:
                 stored = self._store_events(list(unique.values()), now)
         except (OperationalError, DBAPIError) as e:
             raise DatabaseUnavailableError(f"cannot store messages: {first_line(e)}") from e
-        keys: dict[SessionKey, None] = {}
-        for dedupe_key, message in unique.items():
-            if dedupe_key in stored:
-                keys.setdefault(message.session_key, None)
-        duplicates = len(messages) - len(stored)
-        metrics.MESSAGES_STORED.inc(len(stored))
-        metrics.DUPLICATES_DROPPED.inc(duplicates)
-        return IngestResult(len(stored), duplicates, list(keys))
+        return _counted(messages, unique, stored)
+
+    def deliver(self, messages: Sequence[InboundMessage], *, now: datetime | None = None) -> DeliverResult:
+        """Store and apply in one go, for callers that process messages synchronously and acknowledge only
+        afterwards (a queue consumer, a replay, the benchmark). On PostgreSQL it is one transaction of two
+        round trips: nothing is stored unless its user's batch is applied, so after an error the caller
+        delivers again and loses nothing. Elsewhere, and for a number change, it is `ingest` then `apply_all`."""
+        now = now or datetime.now(UTC)
+        unique = _unique(messages)
+        if not unique:
+            return DeliverResult(0, len(messages), 0)
+        if self.pipelines:
+            started = time.perf_counter()
+            done = deliver_pipelined(self, list(unique.values()), now)
+            if done is not None:
+                stored, results = done
+                counted = _counted(messages, unique, stored)
+                applied = sum(r.applied for r in results.values())
+                if applied:
+                    metrics.APPLY_LATENCY.observe(time.perf_counter() - started)
+                applied += sum(self.apply_all(key) for key, r in results.items() if r.more_pending)
+                return DeliverResult(counted.stored, counted.duplicates, applied)
+        counted = self.ingest(messages, now=now)
+        return DeliverResult(counted.stored, counted.duplicates, sum(self.apply_all(k) for k in counted.session_keys))
 
     def _store_events(self, messages: list[InboundMessage], now: datetime) -> set[tuple[str, str]]:
         rows = [

@@ -230,6 +230,34 @@ def apply_pipelined_together(
     return _transaction(engine, f"cannot apply messages of {len(keys)} users", work)
 
 
+def deliver_pipelined(
+    engine: Engine, messages: list[InboundMessage], now: datetime
+) -> tuple[set[tuple[str, str]], dict[SessionKey, ApplyResult]] | None:
+    """Store messages and apply their users' pending batches in one transaction: the store joins the first
+    round trip (before the locks), the writes and COMMIT the second. Nothing is stored unless everything is
+    applied, so a caller that gets an error has lost nothing and simply delivers again. Users are locked in
+    key order (waiting, not skipping: the caller wants its messages applied) and messages are inserted in
+    wamid order, so two deliverers never deadlock on each other's rows. Returns the new messages' keys and
+    each user's result; None when a batch needs the Core path (a number change): nothing was written."""
+    document = _document(messages)
+
+    def work(
+        conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline
+    ) -> tuple[set[tuple[str, str]], dict[SessionKey, ApplyResult]]:
+        store = conn.cursor()
+        store.execute(_STORE_EVENTS, (now, document))
+        keys = sorted({m.session_key for m in messages})
+        batches = [PipelinedBatch(engine, conn, pipeline, key, now) for key in keys]
+        reads = [batch.queue_reads(batch.limit + 1, skip_locked=False) for batch in batches]
+        started = time.perf_counter()
+        pipeline.sync()
+        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+        stored = {(phone, wamid) for phone, wamid in store.fetchall()}
+        return stored, {batch.key: batch.finish(batch.collect(r)) for batch, r in zip(batches, reads, strict=True)}
+
+    return _transaction(engine, "cannot deliver messages", work)
+
+
 def _transaction(
     engine: Engine, doing: str, work: Callable[[psycopg.Connection[Any], psycopg.Pipeline], _R]
 ) -> _R | None:
@@ -280,7 +308,7 @@ def store_events(engine: Engine, messages: list[InboundMessage], now: datetime) 
     """Insert inbound events (unique per batch) and return the (phone_number_id, wamid) of those that were new.
     The messages travel as one JSON array (serialized by pydantic's core) and the key columns are read
     from it on the server."""
-    document = "[" + ",".join(m.model_dump_json() for m in messages) + "]"
+    document = _document(messages)
     with _pooled(engine, "cannot store messages") as conn:
         conn.autocommit = True  # one statement, atomic on its own: no BEGIN/COMMIT round trips
         try:
@@ -288,3 +316,10 @@ def store_events(engine: Engine, messages: list[InboundMessage], now: datetime) 
         finally:
             if not conn.closed:
                 conn.autocommit = False
+
+
+def _document(messages: list[InboundMessage]) -> str:
+    """The messages as one JSON array (serialized by pydantic's core), in key order: two statements storing
+    overlapping messages then take the unique index's entries in the same order and never deadlock."""
+    ordered = sorted(messages, key=lambda m: (m.phone_number_id, m.wamid))
+    return "[" + ",".join(m.model_dump_json() for m in ordered) + "]"

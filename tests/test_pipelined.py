@@ -5,16 +5,19 @@ Core for a number change); every row the engine writes must come out the same on
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
+from sqlalchemy import text as sql_text
 
 import core.engine as engine_module
 from core.batch import ApplyResult
 from core.db import Database
 from core.engine import Engine
+from core.errors import DatabaseUnavailableError
 from core.flows import load_flows
 from core.messages import InboundMessage
 from core.models import ChatSession, InboundEvent, Outbox, Transition
@@ -53,13 +56,20 @@ def _conversations() -> list[list[InboundMessage]]:
     ]
 
 
-def _run(url: str, flows_dir: Path, deliveries: list[list[InboundMessage]]) -> dict[str, list[tuple[Any, ...]]]:
+def _run(
+    url: str, flows_dir: Path, deliveries: list[list[InboundMessage]], *, deliver: bool = False
+) -> dict[str, list[tuple[Any, ...]]]:
+    """Every delivery through ingest + joint apply (the webhook's way) or `Engine.deliver`; the rows written."""
     settings = make_settings(url, flows_dir, flow_routes=f"{PHONE_2}=service_booking", language_by_prefix="34=es")
     db = Database(url)
     engine = Engine(db, load_flows(flows_dir), settings)
     for delivery in deliveries:
-        for key in engine.apply_together(engine.ingest(delivery).session_keys):
-            engine.apply_all(key)
+        if deliver:
+            result = engine.deliver(delivery)
+            assert (result.stored, result.duplicates) == (len(delivery), 0)
+        else:
+            for key in engine.apply_together(engine.ingest(delivery).session_keys):
+                engine.apply_all(key)
         with db.begin() as conn:  # the sender recorded the wamid of the first service prompt
             conn.execute(
                 update(Outbox)
@@ -124,6 +134,101 @@ def test_pipelined_path_writes_what_the_core_path_writes(
     assert sorted(booker, key=str) == sorted(
         [(None, "choose_service", "started"), ("choose_service", "choose_date", "advanced"),
          ("choose_date", "choose_date", "stale"), ("choose_date", "choose_time", "advanced")], key=str)
+
+
+def test_deliver_writes_what_ingest_and_apply_write(
+    sqlite_url: str, pg_url: str, flows_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    delivered: list[object] = []
+    real = engine_module.deliver_pipelined
+
+    def spy(*args: Any) -> object:
+        result = real(*args)
+        delivered.append(result)
+        return result
+
+    monkeypatch.setattr(engine_module, "deliver_pipelined", spy)
+    deliveries = _conversations()
+    core_rows = _run(sqlite_url, flows_dir, deliveries)
+    assert delivered == []
+    delivered_rows = _run(pg_url, flows_dir, deliveries, deliver=True)
+    assert len(delivered) == len(deliveries)  # every delivery tried the one-transaction path...
+    assert delivered.count(None) == 1  # ...and the number change fell back to ingest + apply
+    for table, expected in core_rows.items():
+        assert delivered_rows[table] == expected, table
+
+
+def test_deliver_drops_duplicates_and_applies_once(database_url: str, flows_dir: Path) -> None:
+    db = Database(database_url)
+    engine = Engine(db, load_flows(flows_dir), make_settings(database_url, flows_dir))
+    first = text(LEAD, "hi", BASE_TS)
+    assert engine.deliver([first, first]) == engine_module.DeliverResult(stored=1, duplicates=1, applied=1)
+    assert engine.deliver([first]) == engine_module.DeliverResult(stored=0, duplicates=1, applied=0)
+    assert engine.deliver([]) == engine_module.DeliverResult(0, 0, 0)
+    with db.begin() as conn:
+        assert conn.scalar(select(ChatSession.version).where(ChatSession.user_id == LEAD)) == 1
+        assert len(conn.execute(select(Transition.id)).all()) == 1
+    db.dispose()
+
+
+def test_deliver_of_more_than_a_batch_applies_everything(pg_url: str, flows_dir: Path) -> None:
+    db = Database(pg_url)
+    engine = Engine(db, load_flows(flows_dir), make_settings(pg_url, flows_dir, default_flow="counter",
+                                                                  apply_batch_limit=3))
+    messages = [text(LEAD, f"m{i}", BASE_TS + i) for i in range(8)]
+    assert engine.deliver(messages).applied == 8
+    assert engine.pending_count() == 0
+    with db.begin() as conn:
+        version, data = conn.execute(select(ChatSession.version, ChatSession.data)).one()
+    assert (version, data["count"]) == (8, 8)
+    db.dispose()
+
+
+def test_failed_deliver_stores_nothing(pg_url: str, flows_dir: Path) -> None:
+    """A real database error in the write phase (a trigger refusing one wamid): the message is not stored,
+    so the caller, told of the error, delivers it again once the cause is gone and it applies once."""
+    db = Database(pg_url)
+    engine = Engine(db, load_flows(flows_dir), make_settings(pg_url, flows_dir))
+    engine.deliver([text(LEAD, "hi", BASE_TS)])
+    with db.begin() as conn:
+        conn.execute(sql_text(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+            "IF NEW.wamid = 'wamid.refused' THEN RAISE EXCEPTION 'refused by the test'; END IF; RETURN NEW; END $$"
+        ))
+        conn.execute(sql_text(
+            "CREATE TRIGGER refuse BEFORE INSERT ON transitions FOR EACH ROW EXECUTE FUNCTION refuse()"
+        ))
+    refused = text(LEAD, "Ana", BASE_TS + 5, wamid_="wamid.refused")
+    with pytest.raises(DatabaseUnavailableError, match="refused by the test"):
+        engine.deliver([refused])
+    with db.begin() as conn:
+        assert conn.scalar(select(func.count()).select_from(InboundEvent)) == 1
+        assert conn.scalar(select(ChatSession.current_step)) == "ask_name"
+        conn.execute(sql_text("DROP TRIGGER refuse ON transitions"))
+    assert engine.deliver([refused]) == engine_module.DeliverResult(stored=1, duplicates=0, applied=1)
+    with db.begin() as conn:
+        assert conn.execute(select(ChatSession.current_step, ChatSession.version)).one() == ("ask_email", 2)
+    db.dispose()
+
+
+def test_concurrent_deliveries_of_overlapping_users_never_deadlock(pg_url: str, flows_dir: Path) -> None:
+    """Two threads deliver the same POSTs (duplicates) for three users, listed in opposite orders: every
+    message is applied exactly once and neither waits forever on the other."""
+    db = Database(pg_url, pool_size=4)
+    engine = Engine(db, load_flows(flows_dir), make_settings(pg_url, flows_dir, default_flow="counter"))
+    users = (LEAD, BOOKER, NEWCOMER)
+    posts = [[text(u, f"m{i}", BASE_TS + i, wamid_=f"wamid.{u}.{i}") for u in users] for i in range(40)]
+
+    def run(reverse: bool) -> int:
+        return sum(engine.deliver(list(reversed(p)) if reverse else p).applied for p in posts)
+
+    with ThreadPoolExecutor(2) as pool:
+        applied = sum(pool.map(run, (False, True)))
+    assert applied == 120
+    with db.begin() as conn:
+        rows = conn.execute(select(ChatSession.version, ChatSession.data)).all()
+    assert sorted((v, d["count"]) for v, d in rows) == [(40, 40)] * 3
+    db.dispose()
 
 
 def _pg_engine(pg_url: str, flows_dir: Path) -> tuple[Database, Engine]:
