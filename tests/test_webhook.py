@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
+import uvicorn
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
@@ -30,7 +32,7 @@ from core.payloads import MAX_BODY_BYTES
 from core.signature import sign
 from core.webhook import create_app
 from core.worker import ApplyWorker
-from tests.conftest import make_settings
+from tests.conftest import free_port, make_settings
 
 DATA = Path(__file__).parent / "data" / "webhook"
 SECRET = "test-app-secret"
@@ -945,6 +947,49 @@ def test_metrics_count_requests(hook: Hook) -> None:
     }
     assert re.search(r"^waflow_messages_pending 0\.0$", after, re.MULTILINE)
     assert "waflow_apply_seconds_bucket" in after
+
+
+# ---------------------------------------------------------------------------------------------- ASGI front
+
+
+def test_post_webhook_with_a_query_string_is_served_and_other_methods_are_fastapis(hook: Hook) -> None:
+    body = load("text_ascii")
+    response = hook.client.post("/webhook?x=1", content=body, headers={"X-Hub-Signature-256": sign(body, SECRET)})
+    assert (response.status_code, response.json()["stored"]) == (200, 1)
+    for method in ("HEAD", "PUT", "PATCH"):
+        response = hook.client.request(method, "/webhook")
+        assert (response.status_code, response.headers["allow"]) == (405, "GET"), method
+
+
+def test_unexpected_error_is_a_logged_500_and_the_server_keeps_serving(
+    settings: Settings, registry: FlowRegistry, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = create_app(settings, flows=registry, background=False)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_config=None))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}/webhook"
+    body = load("text_ascii")
+    headers = {"X-Hub-Signature-256": sign(body, SECRET)}
+
+    def bug(_raw: bytes) -> None:
+        raise RuntimeError("a bug in parsing")
+
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and thread.is_alive() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert server.started
+        with monkeypatch.context() as patched:
+            patched.setattr("core.webhook.parse_webhook", bug)
+            response = requests.post(url, data=body, headers=headers, timeout=10)
+        assert (response.status_code, response.text) == (500, "Internal Server Error")
+        response = requests.post(url, data=body, headers=headers, timeout=10)
+        assert (response.status_code, response.json()["stored"]) == (200, 1)
+        assert "RuntimeError: a bug in parsing" in caplog.text  # logged by the server, traceback included
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 # ---------------------------------------------------------------------------------------------- properties
