@@ -1,7 +1,7 @@
 """Webhook benchmark: a real `python -m core serve` on PostgreSQL, loaded over loopback by another process.
 
     .venv/bin/python bench/webhook.py [--rate 300] [--duration 10] [--max-seconds 10] [--workers 1]
-                                      [--apply-threads 4] [--connections 16] [--users 2000]
+                                      [--apply-threads 1] [--connections 16] [--users 2000]
 
 The bench creates its own PostgreSQL database on the server of BENCH_DATABASE_URL / TEST_DATABASE_URL
 (default postgresql+psycopg://postgres@127.0.0.1:5432/test), starts the server on a free loopback port,
@@ -367,7 +367,7 @@ def main() -> None:  # noqa: C901 - a linear script: phases one after the other
     parser.add_argument("--max-seconds", type=float, default=10.0, help="seconds of each as-fast-as-possible phase")
     parser.add_argument("--max-requests", type=int, default=20000, help="request cap of each max phase")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the server")
-    parser.add_argument("--apply-threads", type=int, default=4, help="APPLY_THREADS of each server process")
+    parser.add_argument("--apply-threads", type=int, default=1, help="APPLY_THREADS of each server process")
     parser.add_argument("--connections", type=int, default=16, help="keep-alive connections of the generator")
     parser.add_argument("--load-processes", type=int, default=2)
     parser.add_argument("--users", type=int, default=2000)

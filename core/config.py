@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     job_lease_seconds: float = 900.0
 
     # Webhook server: threads applying stored messages, and how often the in-process sweeper runs.
-    apply_threads: int = 2
+    apply_threads: int = 1
     # `python -m jobs` serves Prometheus metrics (sender results, errors, latency, job runs) on this port; 0: off.
     jobs_metrics_port: int = 0
     jobs_metrics_host: str = "127.0.0.1"

@@ -53,19 +53,6 @@ def _unique(messages: Sequence[InboundMessage]) -> dict[tuple[str, str], Inbound
     return unique
 
 
-def _counted(
-    messages: Sequence[InboundMessage], unique: dict[tuple[str, str], InboundMessage], stored: set[tuple[str, str]]
-) -> IngestResult:
-    keys: dict[SessionKey, None] = {}
-    for dedupe_key, message in unique.items():
-        if dedupe_key in stored:
-            keys.setdefault(message.session_key, None)
-    duplicates = len(messages) - len(stored)
-    metrics.MESSAGES_STORED.inc(len(stored))
-    metrics.DUPLICATES_DROPPED.inc(duplicates)
-    return IngestResult(len(stored), duplicates, list(keys))
-
-
 class Engine:
     """The session engine. Stateless between calls: every process may run one."""
 
@@ -93,18 +80,38 @@ class Engine:
     # ----------------------------------------------------------------------------------------- ingest
     def ingest(self, messages: Sequence[InboundMessage], *, now: datetime | None = None) -> IngestResult:
         """Store each message once. Returns the session keys that received new messages."""
+        return self.ingest_each([messages], now=now)[0]
+
+    def ingest_each(
+        self, deliveries: Sequence[Sequence[InboundMessage]], *, now: datetime | None = None
+    ) -> list[IngestResult]:
+        """Store several deliveries (webhook POSTs) in one statement and one commit, with a result for each: a
+        message new to the database counts as stored for the first delivery carrying it, a duplicate for
+        any other."""
         now = now or datetime.now(UTC)
-        unique = _unique(messages)
-        if not unique:
-            return IngestResult(0, len(messages), [])
-        try:
-            if self.db.is_postgres:
-                stored = store_events(self, list(unique.values()), now)
-            else:
-                stored = self._store_events(list(unique.values()), now)
-        except (OperationalError, DBAPIError) as e:
-            raise DatabaseUnavailableError(f"cannot store messages: {first_line(e)}") from e
-        return _counted(messages, unique, stored)
+        unique = _unique([m for delivery in deliveries for m in delivery])
+        stored: set[tuple[str, str]] = set()
+        if unique:
+            try:
+                if self.db.is_postgres:
+                    stored = store_events(self, list(unique.values()), now)
+                else:
+                    stored = self._store_events(list(unique.values()), now)
+            except (OperationalError, DBAPIError) as e:
+                raise DatabaseUnavailableError(f"cannot store messages: {first_line(e)}") from e
+        results = []
+        for delivery in deliveries:
+            new = {}
+            for message in delivery:
+                dedupe_key = (message.phone_number_id, message.wamid)
+                if dedupe_key in stored:
+                    stored.discard(dedupe_key)  # claimed: later copies are duplicates
+                    new[dedupe_key] = message
+            keys = list(dict.fromkeys(m.session_key for m in new.values()))
+            results.append(IngestResult(len(new), len(delivery) - len(new), keys))
+        metrics.MESSAGES_STORED.inc(sum(r.stored for r in results))
+        metrics.DUPLICATES_DROPPED.inc(sum(r.duplicates for r in results))
+        return results
 
     def deliver(self, messages: Sequence[InboundMessage], *, now: datetime | None = None) -> DeliverResult:
         """Store and apply in one go, for callers that process messages synchronously and acknowledge only
@@ -120,12 +127,13 @@ class Engine:
             done = deliver_pipelined(self, list(unique.values()), now)
             if done is not None:
                 stored, results = done
-                counted = _counted(messages, unique, stored)
+                metrics.MESSAGES_STORED.inc(len(stored))
+                metrics.DUPLICATES_DROPPED.inc(len(messages) - len(stored))
                 applied = sum(r.applied for r in results.values())
                 if applied:
                     metrics.APPLY_LATENCY.observe(time.perf_counter() - started)
                 applied += sum(self.apply_all(key) for key, r in results.items() if r.more_pending)
-                return DeliverResult(counted.stored, counted.duplicates, applied)
+                return DeliverResult(len(stored), len(messages) - len(stored), applied)
         counted = self.ingest(messages, now=now)
         return DeliverResult(counted.stored, counted.duplicates, sum(self.apply_all(k) for k in counted.session_keys))
 

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -28,10 +27,10 @@ from core.db import Database
 from core.engine import Engine, IngestResult
 from core.errors import DatabaseUnavailableError, PayloadError
 from core.flows import FlowRegistry
+from core.intake import IntakeWorker
 from core.migrate import ensure_schema
-from core.payloads import MAX_BODY_BYTES, ParsedWebhook, parse_webhook
+from core.payloads import MAX_BODY_BYTES
 from core.signature import verify_signature
-from core.statuses import record_statuses
 from core.whatsapp import refresh_pause_gauge
 from core.worker import ApplyWorker, Periodic, RequestStats, sweep
 
@@ -81,9 +80,7 @@ class WebhookService:
         self.engine = engine
         self.stats = RequestStats(db)
         self.worker = ApplyWorker(engine, threads=settings.apply_threads) if background else None
-        # Requests store through at most as many threads as the pool has connections left beside the apply
-        # threads: more would open and close overflow connections (a new PostgreSQL backend each) under load.
-        self.store_slots = anyio.CapacityLimiter(max(1, settings.db_pool_size - settings.apply_threads))
+        self.intake = IntakeWorker(engine, db)
         interval = settings.pending_sweep_interval_seconds
         self.periodic = [
             Periodic("sweeper", interval, lambda: sweep(engine, timedelta(seconds=interval))),
@@ -91,12 +88,14 @@ class WebhookService:
         ]
 
     def start(self) -> None:
+        self.intake.start()
         if self.worker:
             self.worker.start()
         for job in self.periodic:
             job.start()
 
     def stop(self) -> None:
+        self.intake.stop()
         if self.worker:
             self.worker.stop()
         for job in self.periodic:
@@ -110,17 +109,6 @@ class WebhookService:
     def count(self, result: str, n: int = 1) -> None:
         metrics.WEBHOOK_REQUESTS.labels(result).inc(n)
         self.stats.add(result, n)
-
-    def parse_and_store(self, raw: bytes) -> tuple[ParsedWebhook, IngestResult | None]:
-        """Parse, then store what is relevant: one trip to a worker thread per request, not two."""
-        parsed = parse_webhook(raw)
-        return parsed, (self.store(parsed) if parsed.relevant else None)
-
-    def store(self, parsed: ParsedWebhook) -> IngestResult:
-        """Durably store messages and statuses; only then may the request be answered 200."""
-        result = self.engine.ingest(parsed.messages)
-        record_statuses(self.db, parsed.statuses)
-        return result
 
     def apply_now(self, result: IngestResult) -> None:
         if self.worker:
@@ -219,16 +207,17 @@ async def receive_post(service: WebhookService, request: Request) -> Response:
         service.count("rejected_signature")
         return _error(401, "missing or invalid X-Hub-Signature-256")
     try:
-        parsed, stored = await anyio.to_thread.run_sync(service.parse_and_store, raw, limiter=service.store_slots)
+        # Parsed and durably stored (messages and statuses) before any answer but a rejection.
+        taken = await service.intake.take(raw)
     except PayloadError as e:
         service.count("rejected_payload")
         return _error(400, str(e))
+    parsed, result = taken.parsed, taken.stored
     for note in parsed.notes:
         log.info("webhook: %s", note)
-    if stored is None:
+    if result is None:
         service.count("ignored_object")
         return JSONResponse({"status": "ignored", "object": parsed.object})
-    result = stored
     service.count("accepted")
     if result.duplicates:
         service.count("duplicate", result.duplicates)

@@ -981,7 +981,7 @@ def test_unexpected_error_is_a_logged_500_and_the_server_keeps_serving(
             time.sleep(0.05)
         assert server.started
         with monkeypatch.context() as patched:
-            patched.setattr("core.webhook.parse_webhook", bug)
+            patched.setattr("core.intake.parse_webhook", bug)
             response = requests.post(url, data=body, headers=headers, timeout=10)
         assert (response.status_code, response.text) == (500, "Internal Server Error")
         response = requests.post(url, data=body, headers=headers, timeout=10)
