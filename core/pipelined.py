@@ -266,7 +266,9 @@ def _transaction(
         try:
             with conn.pipeline() as pipeline:
                 result = work(conn, pipeline)
-                conn.commit()
+                # Queued behind the writes: the block's closing sync is then the transaction's last round trip
+                # (conn.commit() syncs on its own, and leaving the pipeline syncs once more).
+                conn.execute("COMMIT")
             return result
         except BaseException as e:
             if not conn.closed and not conn.broken:
