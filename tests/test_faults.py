@@ -13,6 +13,9 @@ import subprocess
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
@@ -132,14 +135,34 @@ def assert_exactly_once(db: Database, burst: Burst, prefix: str) -> None:
     assert versions == per_user
 
 
-def test_kill_9_during_a_burst_loses_and_duplicates_nothing(pg_url: str, flows_dir: Path, tmp_path: Path) -> None:
+@dataclass
+class UnderBurst:
+    env: dict[str, str]
+    server: Server
+    db: Database
+    prefix: str
+    burst: Burst
+
+
+@contextmanager
+def under_burst(pg_url: str, flows_dir: Path, tmp_path: Path) -> Iterator[UnderBurst]:
+    """A real server on `pg_url` receiving a burst of signed POSTs; stopped (and the burst with it) at the end."""
     env = server_env(pg_url, flows_dir)
     server = Server(env, tmp_path / "server.log").start()
     db = Database(pg_url)
     run = uuid.uuid4().hex[:8]
-    prefix = f"wamid.FAULT.{run}."
     burst = Burst(server, run).start()
     try:
+        yield UnderBurst(env, server, db, f"wamid.FAULT.{run}.", burst)
+    finally:
+        burst.stop.set()
+        server.stop()
+        db.dispose()
+
+
+def test_kill_9_during_a_burst_loses_and_duplicates_nothing(pg_url: str, flows_dir: Path, tmp_path: Path) -> None:
+    with under_burst(pg_url, flows_dir, tmp_path) as run:
+        env, server, db, prefix, burst = run.env, run.server, run.db, run.prefix, run.burst
         time.sleep(1.5)
         server.kill9()
         time.sleep(0.5)
@@ -166,10 +189,6 @@ def test_kill_9_during_a_burst_loses_and_duplicates_nothing(pg_url: str, flows_d
             assert_exactly_once(db, burst, prefix)
         finally:
             restarted.stop()
-    finally:
-        burst.stop.set()
-        server.stop()
-        db.dispose()
 
 
 def _cluster() -> list[str]:
@@ -201,38 +220,30 @@ def test_database_outage_answers_only_503_and_loses_nothing(
 ) -> None:
     if not Path("/etc/postgresql").is_dir():
         pytest.skip("no local PostgreSQL cluster to stop")
-    env = server_env(pg_url, flows_dir)
-    server = Server(env, tmp_path / "server.log").start()
-    db = Database(pg_url)
-    run = uuid.uuid4().hex[:8]
-    prefix = f"wamid.FAULT.{run}."
-    burst = Burst(server, run).start()
-    outage: list[Outcome] = []
-    try:
-        time.sleep(1.0)
-        before = len(burst.outcomes)
-        subprocess.run([*_cluster(), "stop", "-m", "fast"], capture_output=True, timeout=60, check=False)
+    with under_burst(pg_url, flows_dir, tmp_path) as run:
+        server, burst = run.server, run.burst
         try:
-            time.sleep(2.0)
-            outage.append(server.get("/healthz", timeout=10).status_code)
+            time.sleep(1.0)
+            before = len(burst.outcomes)
+            subprocess.run([*_cluster(), "stop", "-m", "fast"], capture_output=True, timeout=60, check=False)
+            try:
+                time.sleep(2.0)
+                health_during_outage = server.get("/healthz", timeout=10).status_code
+            finally:
+                _start_postgres()
+                pg_server.admin.dispose()  # the suite's own pooled connections died with the server
+            time.sleep(1.0)
+            burst.finish()
+            assert len(burst.outcomes) > before + 10, "the burst stalled during the outage"
+            outcomes = set(burst.outcomes.values())
+            assert outcomes <= {200, 503}, f"other answers than 200/503: {outcomes - {200, 503}}\n{server.log()}"
+            assert 503 in outcomes, "the outage was not seen"
+            assert health_during_outage == 503  # health says so too
+            assert server.alive, server.log()
+            resend_until_200(server, burst, burst.unacknowledged())
+            assert_exactly_once(run.db, burst, run.prefix)
+            assert server.get("/healthz").status_code == 200
         finally:
-            _start_postgres()
-            pg_server.admin.dispose()  # the suite's own pooled connections died with the server
-        time.sleep(1.0)
-        burst.finish()
-        assert len(burst.outcomes) > before + 10, "the burst stalled during the outage"
-        outcomes = set(burst.outcomes.values())
-        assert outcomes <= {200, 503}, f"other answers than 200/503: {outcomes - {200, 503}}\n{server.log()}"
-        assert 503 in outcomes, "the outage was not seen"
-        assert outage == [503]  # health says so too
-        assert server.alive, server.log()
-        resend_until_200(server, burst, burst.unacknowledged())
-        assert_exactly_once(db, burst, prefix)
-        assert server.get("/healthz").status_code == 200
-    finally:
-        burst.stop.set()
-        if not _postgres_accepts_connections(1):
-            _start_postgres()
-            pg_server.admin.dispose()
-        server.stop()
-        db.dispose()
+            if not _postgres_accepts_connections(1):  # restore the service even when the test fails
+                _start_postgres()
+                pg_server.admin.dispose()
