@@ -18,6 +18,7 @@ from core.db import Database
 from core.engine import Engine, IngestResult
 from core.payloads import ParsedWebhook, parse_webhook
 from core.statuses import record_statuses
+from core.worker import take_batch
 
 log = logging.getLogger(__name__)
 
@@ -58,19 +59,9 @@ class IntakeWorker:
 
     def _run(self) -> None:
         while True:
-            first = self.queue.get()
-            if first is None:
+            batch = take_batch(self.queue, self.max_requests)
+            if not batch:
                 return
-            batch = [first]
-            while len(batch) < self.max_requests:
-                try:
-                    request = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if request is None:
-                    self.queue.put(None)  # stop after this batch
-                    break
-                batch.append(request)
             try:
                 outcomes = self.process([raw for raw, _, _ in batch])
             except BaseException as e:  # noqa: BLE001 — every waiting request must get an answer, whatever happened

@@ -8,7 +8,7 @@ import queue
 import threading
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from core.db import Database, insert_for
 from core.engine import Engine, SessionKey
@@ -16,6 +16,28 @@ from core.errors import WaflowError
 from core.models import WebhookStat
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def take_batch(source: queue.SimpleQueue[T | None], limit: int) -> list[T]:
+    """The next item (waiting for one) and whatever else is queued, up to `limit`; [] for a stop request (None).
+    A stop request met after other items is put back, for the next call (or the next consumer thread)."""
+    first = source.get()
+    if first is None:
+        return []
+    batch = [first]
+    while len(batch) < limit:
+        try:
+            item = source.get_nowait()
+        except queue.Empty:
+            break
+        if item is None:
+            source.put(None)
+            break
+        batch.append(item)
+    return batch
+
 
 
 class ApplyWorker:
@@ -25,7 +47,7 @@ class ApplyWorker:
     def __init__(self, engine: Engine, threads: int = 2, batch_users: int = 32) -> None:
         self.engine = engine
         self.batch_users = batch_users
-        self.queue: queue.Queue[SessionKey | None] = queue.Queue()
+        self.queue: queue.SimpleQueue[SessionKey | None] = queue.SimpleQueue()
         # Keys waiting in the queue: a user's burst queues one apply, not one per POST.
         self.queued: set[SessionKey] = set()
         self.lock = threading.Lock()
@@ -50,7 +72,7 @@ class ApplyWorker:
 
     def _run(self) -> None:
         while True:
-            keys = self._take()
+            keys = take_batch(self.queue, self.batch_users)
             if not keys:
                 return
             # Forget the keys before applying: a message stored from now on queues the user again, and one
@@ -66,24 +88,6 @@ class ApplyWorker:
                     log.warning("apply of %s deferred to the sweeper: %s", key, e)
                 except Exception:
                     log.exception("apply of %s failed; it stays pending for the sweeper", key)
-
-    def _take(self) -> list[SessionKey]:
-        """The next key (waiting for one) and whatever else is queued, up to `batch_users`; [] to stop."""
-        first = self.queue.get()
-        if first is None:
-            return []
-        keys = [first]
-        while len(keys) < self.batch_users:
-            try:
-                key = self.queue.get_nowait()
-            except queue.Empty:
-                break
-            if key is None:
-                self.queue.put(None)  # a stop request: this thread stops after this batch
-                break
-            keys.append(key)
-        return keys
-
 
 class Periodic:
     """Runs `fn` every `interval` seconds on a daemon thread until stopped."""
