@@ -115,7 +115,7 @@ class Engine:
 
     def deliver(self, messages: Sequence[InboundMessage], *, now: datetime | None = None) -> DeliverResult:
         """Store and apply in one go, for callers that process messages synchronously and acknowledge only
-        afterwards (a queue consumer, a replay, the benchmark). On PostgreSQL it is one transaction of two
+        afterwards (a queue consumer, say; bench/engine.py measures it). On PostgreSQL it is one transaction of two
         round trips: nothing is stored unless its user's batch is applied, so after an error the caller
         delivers again and loses nothing. Elsewhere, and for a number change, it is `ingest` then `apply_all`."""
         now = now or datetime.now(UTC)
