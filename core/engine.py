@@ -127,13 +127,14 @@ class Engine:
             done = deliver_pipelined(self, list(unique.values()), now)
             if done is not None:
                 stored, results = done
+                duplicates = len(messages) - len(stored)
                 metrics.MESSAGES_STORED.inc(len(stored))
-                metrics.DUPLICATES_DROPPED.inc(len(messages) - len(stored))
+                metrics.DUPLICATES_DROPPED.inc(duplicates)
                 applied = sum(r.applied for r in results.values())
                 if applied:
                     metrics.APPLY_LATENCY.observe(time.perf_counter() - started)
                 applied += sum(self.apply_all(key) for key, r in results.items() if r.more_pending)
-                return DeliverResult(len(stored), len(messages) - len(stored), applied)
+                return DeliverResult(len(stored), duplicates, applied)
         counted = self.ingest(messages, now=now)
         return DeliverResult(counted.stored, counted.duplicates, sum(self.apply_all(k) for k in counted.session_keys))
 

@@ -148,26 +148,16 @@ class _CorePathNeeded(Exception):
 
 
 class PipelinedBatch(UserBatch):
-    def __init__(
-        self, engine: Engine, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline, key: SessionKey,
-        now: datetime,
-    ) -> None:
+    """One user's batch on a connection in pipeline mode; `_apply_users` queues its reads and syncs."""
+
+    def __init__(self, engine: Engine, conn: psycopg.Connection[Any], key: SessionKey, now: datetime) -> None:
         super().__init__(engine, key, now)
         self.conn = conn
-        self.pipeline = pipeline
         self.sql = _pg_statements(engine.db.engine.dialect)
 
     def _execute(self, cursor: psycopg.Cursor[Any], name: str, params: dict[str, Any]) -> None:
         statement = self.sql.get(name, params)
         cursor.execute(statement.sql, statement.params(params))
-
-    def _load(self, limit: int, *, skip_locked: bool) -> tuple[dict[str, Any] | None, list[Pending]] | None:
-        reads = self.queue_reads(limit, skip_locked=skip_locked)
-        started = time.perf_counter()
-        self.pipeline.sync()
-        # The wait includes the three statements' round trip: an upper bound of the lock wait.
-        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-        return self.collect(reads)
 
     def queue_reads(self, limit: int, *, skip_locked: bool) -> tuple[psycopg.Cursor[Any], psycopg.Cursor[Any]]:
         """Queue insert-if-missing, the lock and the pending read; results come after the next sync."""
@@ -206,7 +196,7 @@ def apply_pipelined(engine: Engine, key: SessionKey, now: datetime) -> ApplyResu
     """Apply one user's pending batch in one pipelined transaction; None when it must take the Core path."""
 
     def work(conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> ApplyResult:
-        return PipelinedBatch(engine, conn, pipeline, key, now).run(skip_locked=False)
+        return _apply_users(engine, conn, pipeline, [key], now, skip_locked=False)[key]
 
     return _transaction(engine, f"cannot apply messages of {key}", work)
 
@@ -220,12 +210,7 @@ def apply_pipelined_together(
     path (a number change): nothing was written."""
 
     def work(conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> dict[SessionKey, ApplyResult]:
-        batches = [PipelinedBatch(engine, conn, pipeline, key, now) for key in sorted(set(keys))]
-        reads = [batch.queue_reads(batch.limit + 1, skip_locked=True) for batch in batches]
-        started = time.perf_counter()
-        pipeline.sync()
-        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-        return {batch.key: batch.finish(batch.collect(r)) for batch, r in zip(batches, reads, strict=True)}
+        return _apply_users(engine, conn, pipeline, keys, now, skip_locked=True)
 
     return _transaction(engine, f"cannot apply messages of {len(keys)} users", work)
 
@@ -245,17 +230,26 @@ def deliver_pipelined(
         conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline
     ) -> tuple[set[tuple[str, str]], dict[SessionKey, ApplyResult]]:
         store = conn.cursor()
-        store.execute(_STORE_EVENTS, (now, document))
-        keys = sorted({m.session_key for m in messages})
-        batches = [PipelinedBatch(engine, conn, pipeline, key, now) for key in keys]
-        reads = [batch.queue_reads(batch.limit + 1, skip_locked=False) for batch in batches]
-        started = time.perf_counter()
-        pipeline.sync()
-        metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-        stored = {(phone, wamid) for phone, wamid in store.fetchall()}
-        return stored, {batch.key: batch.finish(batch.collect(r)) for batch, r in zip(batches, reads, strict=True)}
+        store.execute(_STORE_EVENTS, (now, document))  # queued ahead of the reads: same round trip
+        results = _apply_users(engine, conn, pipeline, [m.session_key for m in messages], now, skip_locked=False)
+        return {(phone, wamid) for phone, wamid in store.fetchall()}, results
 
     return _transaction(engine, "cannot deliver messages", work)
+
+
+def _apply_users(
+    engine: Engine, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline, keys: list[SessionKey],
+    now: datetime, *, skip_locked: bool,
+) -> dict[SessionKey, ApplyResult]:
+    """Every user's reads in one round trip (with whatever the caller queued before), locked in key order,
+    then each user's decisions and writes, queued for the caller's COMMIT."""
+    batches = [PipelinedBatch(engine, conn, key, now) for key in sorted(set(keys))]
+    reads = [batch.queue_reads(batch.limit + 1, skip_locked=skip_locked) for batch in batches]
+    started = time.perf_counter()
+    pipeline.sync()
+    # The wait includes the statements' round trip: an upper bound of the lock wait.
+    metrics.LOCK_WAIT.observe(time.perf_counter() - started)
+    return {batch.key: batch.finish(batch.collect(r)) for batch, r in zip(batches, reads, strict=True)}
 
 
 def _transaction(
