@@ -1,18 +1,21 @@
 """Engine benchmark on PostgreSQL: applied messages/s and apply latency, against a raw upsert loop baseline.
 
-    .venv/bin/python bench/engine.py [--messages 4000] [--workers 1,4,16] [--rate 200]
+    .venv/bin/python bench/engine.py [--messages 4000] [--workers 1,4,16] [--rate 200] [--batch 20]
 
 Each scenario runs in a fresh database created (and dropped) on the server of BENCH_DATABASE_URL /
-TEST_DATABASE_URL. Every worker is an OS process with its own engine and pool, handing over one message at
-a time by one of two paths:
-  deliver  `Engine.deliver`: store and apply in one transaction (a synchronous consumer's way);
-  2-step   `Engine.ingest`, then `apply_all` for that user: two transactions (the webhook's way, which
-           must acknowledge once the message is stored, before applying it).
-Printed per scenario: throughput, p50/p99 latency of store+apply per message, the raw
-`INSERT ... ON CONFLICT DO UPDATE` loop with the same worker count in the same run (before and after ours),
+TEST_DATABASE_URL. Every worker is an OS process with its own engine and pool, consuming its share of the
+messages like a queue consumer: each call takes what has arrived, up to a batch. Paths, as path/batch:
+  deliver/20  `Engine.deliver` of up to --batch messages: store and apply in one transaction (a consumer that
+              acknowledges after applying); flat out the batches are full, at a fixed rate they hold what
+              arrived during the previous call (mostly one message);
+  deliver/1   the same, one message per call;
+  2-step/1    `Engine.ingest`, then `apply_all` for that user, one message at a time: two transactions (the
+              webhook's order, which acknowledges once the message is stored, before applying it).
+Printed per scenario: throughput, p50/p99 latency per message (from its arrival, flat out from the start of
+the call that took it, to the end of the call that applied it), the raw `INSERT ... ON CONFLICT DO UPDATE`
+loop (one row per statement, autocommit) with the same worker count in the same run (before and after ours),
 our throughput as a ratio of their mean, and lost/duplicated transitions checked in the database.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -42,7 +45,6 @@ from core.models import ChatSession, Transition  # noqa: E402
 BASE_TS = 1_767_268_800
 FLOWS_DIR = ROOT / "tests" / "data" / "flows"
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-PATHS = ("deliver", "2-step")
 
 
 def _message(user: str, i: int, run: str, worker: int) -> dict[str, object]:
@@ -71,26 +73,35 @@ def _plans(scenario: str, workers: int, messages: int, run: str) -> list[list[di
 
 
 def _worker(
-    url: str, plan: list[dict[str, object]], start_at: float, rate: float | None, path: str
+    url: str, plan: list[dict[str, object]], start_at: float, rate: float | None, path: str, batch: int
 ) -> list[float]:
+    """A consumer: each call takes the messages that have arrived (all of them, flat out; those due by now at a
+    fixed rate), up to `batch`. Latency runs from a message's arrival (flat out: the call's start) to the
+    end of the call that applied it."""
     settings = Settings(database_url=url, flows_dir=FLOWS_DIR, default_flow="counter")
     db = Database(url, pool_size=1, max_overflow=1)
     engine = Engine(db, load_flows(FLOWS_DIR), settings)
     messages = [InboundMessage.model_validate(m) for m in plan]
-    latencies = []
+    latencies: list[float] = []
     time.sleep(max(0.0, start_at - time.time()))
     began = time.perf_counter()
-    for n, message in enumerate(messages):
-        if rate:
-            due = began + n / rate
-            time.sleep(max(0.0, due - time.perf_counter()))
+    due = [began + n / rate if rate else began for n in range(len(messages))]
+    n = 0
+    while n < len(messages):
+        time.sleep(max(0.0, due[n] - time.perf_counter()))
         t0 = time.perf_counter()
+        end = n + 1
+        while end < len(messages) and end - n < batch and due[end] <= t0:
+            end += 1
+        chunk = messages[n:end]
         if path == "deliver":
-            engine.deliver([message])
+            engine.deliver(chunk)
         else:
-            for key in engine.ingest([message]).session_keys:
+            for key in engine.ingest(chunk).session_keys:
                 engine.apply_all(key)
-        latencies.append(time.perf_counter() - t0)
+        done = time.perf_counter()
+        latencies += [done - max(due[i], t0) if not rate else done - due[i] for i in range(n, end)]
+        n = end
     db.dispose()
     return latencies
 
@@ -126,12 +137,12 @@ class Server:
             conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
-def _percentile(values: list[float], q: float) -> float:
+def _percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 def run_engine(
-    server: Server, scenario: str, path: str, workers: int, messages: int, rate: float | None = None
+    server: Server, scenario: str, path: str, batch: int, workers: int, messages: int, rate: float | None = None
 ) -> dict[str, float]:
     name, url = server.fresh()
     try:
@@ -140,7 +151,7 @@ def run_engine(
         start_at = time.time() + 2.0 + workers * 0.15
         per_worker_rate = rate / workers if rate else None
         with ctx.Pool(workers) as pool:
-            jobs = [pool.apply_async(_worker, (url, plan, start_at, per_worker_rate, path)) for plan in plans]
+            jobs = [pool.apply_async(_worker, (url, plan, start_at, per_worker_rate, path, batch)) for plan in plans]
             results = [job.get(timeout=1800) for job in jobs]
         wall = time.time() - start_at
         latencies = [x for r in results for x in r]
@@ -197,9 +208,11 @@ def main() -> int:
     parser.add_argument("--messages", type=int, default=4000, help="messages per scenario")
     parser.add_argument("--workers", default="1,4,16")
     parser.add_argument("--rate", type=float, default=200.0, help="fixed rate for the latency run (messages/s)")
+    parser.add_argument("--batch", type=int, default=20, help="most messages a consumer takes per deliver call")
     args = parser.parse_args()
+    paths = [("deliver", args.batch), ("deliver", 1), ("2-step", 1)]
     server = Server(os.environ.get("BENCH_DATABASE_URL") or os.environ.get("TEST_DATABASE_URL") or DEFAULT_URL)
-    print(f"{'scenario':<10}{'path':<9}{'workers':>8}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'raw/s':>10}{'ratio':>7}"
+    print(f"{'scenario':<10}{'path':<13}{'workers':>8}{'msgs/s':>10}{'p50 ms':>9}{'p99 ms':>9}{'raw/s':>10}{'ratio':>7}"
           f"{'lost':>6}{'dup':>5}")
     failed = False
     for workers in [int(w) for w in args.workers.split(",")]:
@@ -207,22 +220,22 @@ def main() -> int:
         # scenarios and the ratio uses the mean of the two.
         raw_before = run_raw(server, workers, args.messages)
         rows = [
-            (scenario, path, run_engine(server, scenario, path, workers, args.messages))
-            for path in PATHS
+            (scenario, f"{path}/{batch}", run_engine(server, scenario, path, batch, workers, args.messages))
+            for path, batch in paths
             for scenario in ("uniform", "hot")
         ]
         raw_after = run_raw(server, workers, args.messages)
         raw = (raw_before + raw_after) / 2
         for scenario, path, r in rows:
             failed |= bool(r["lost"] or r["duplicated"])
-            print(f"{scenario:<10}{path:<9}{workers:>8}{r['per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
+            print(f"{scenario:<10}{path:<13}{workers:>8}{r['per_s']:>10.0f}{r['p50_ms']:>9.2f}{r['p99_ms']:>9.2f}"
                   f"{raw:>10.0f}{r['per_s'] / raw:>7.2f}{int(r['lost']):>6}{int(r['duplicated']):>5}", flush=True)
-        print(f"{'':<27}  raw loop before / after: {raw_before:.0f} / {raw_after:.0f} per s", flush=True)
+        print(f"{'':<31}  raw loop before / after: {raw_before:.0f} / {raw_after:.0f} per s", flush=True)
     print()
-    for path in PATHS:
-        paced = run_engine(server, "uniform", path, 4, int(args.rate * 10), rate=args.rate)
+    for path, batch in paths:
+        paced = run_engine(server, "uniform", path, batch, 4, int(args.rate * 10), rate=args.rate)
         failed |= bool(paced["lost"] or paced["duplicated"])
-        print(f"fixed rate {args.rate:.0f} msgs/s, 4 workers, {path}: achieved {paced['per_s']:.0f}/s, "
+        print(f"fixed rate {args.rate:.0f} msgs/s, 4 workers, {path}/{batch}: achieved {paced['per_s']:.0f}/s, "
               f"p50 {paced['p50_ms']:.2f} ms, p99 {paced['p99_ms']:.2f} ms (target < 20 ms), "
               f"lost {int(paced['lost'])}, duplicated {int(paced['duplicated'])}", flush=True)
     return 1 if failed else 0

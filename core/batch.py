@@ -172,7 +172,7 @@ class UserBatch:
     def _write(self, original_version: int) -> None:
         raise NotImplementedError
 
-    def _new_session_row(self) -> dict[str, Any]:
+    def new_session_row(self) -> dict[str, Any]:
         phone, user = self.key
         flow = self.engine.flows.latest(self.engine.settings.flow_for(phone))
         return {
@@ -341,7 +341,7 @@ class CoreBatch(UserBatch):
 
     def _load(self, limit: int, *, skip_locked: bool) -> tuple[dict[str, Any] | None, list[Pending]] | None:
         if self.engine.lock_sessions:
-            self.conn.execute(self.sql.insert_session, self._new_session_row())
+            self.conn.execute(self.sql.insert_session, self.new_session_row())
             lock_started = time.perf_counter()
             lock = self.sql.lock_session_or_skip if skip_locked else self.sql.lock_session
             row = self.conn.execute(lock, self._params()).first()
@@ -353,7 +353,7 @@ class CoreBatch(UserBatch):
         pending = self._pending(limit, claim=True)
         if not pending:
             return None, []
-        self.conn.execute(self.sql.insert_session, self._new_session_row())
+        self.conn.execute(self.sql.insert_session, self.new_session_row())
         row = self.conn.execute(self.sql.select_session, self._params()).first()
         assert row is not None
         return dict(row._mapping), pending

@@ -1,18 +1,15 @@
-"""PostgreSQL's hot paths on psycopg directly: storing inbound messages, and applying a user's batch.
+"""PostgreSQL's hot paths on psycopg directly: storing inbound messages, and applying users' batches.
 
 Storing is one fixed-shape statement (the messages as one JSON array, so it is prepared once whatever the
 batch size) in autocommit: one round trip, a fraction of the client CPU SQLAlchemy's insertmanyvalues spent.
 
-Applying runs the same user batch as core.batch, in two round trips with psycopg's pipeline mode.
-
-One statement per round trip (BEGIN, insert-if-missing, lock, read pending, update, three inserts, COMMIT)
-made the waits cost more than the work. In pipeline mode the client queues statements and the server still
-runs them one after the other, each with its own snapshot, so the semantics are those of the Core path:
-1. insert-if-missing, SELECT ... FOR UPDATE, read pending — one round trip; the pending read starts only
-   once the lock is held, so it sees every message committed before;
-2. decide in Python;
-3. every write (one statement, see `_PgStatements.write`) and COMMIT — one round trip.
-`apply_pipelined_together` does the same for several users in one transaction (the apply worker under load).
+Applying runs the same user batches as core.batch, in one transaction of two round trips (psycopg's
+pipeline mode) and two statements, whatever the number of users, through the functions of migration 0006:
+1. `waflow_claim`: for each user in key order, insert the session if missing, lock it, read its pending
+   messages (after the lock is granted, so every message committed before is seen) — first round trip;
+2. decide in Python (core.batch, core.machine);
+3. `waflow_write` with every user's writes, then COMMIT — second round trip.
+Statement by statement, psycopg's client-side work per statement cost more than the server's work on it.
 A number change (rare, reads and moves rows mid-batch) and the sweeper's SKIP LOCKED pass use the Core path.
 """
 
@@ -23,23 +20,17 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
-from functools import cache
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
-from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
-from sqlalchemy import JSON, Dialect
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.compiler import SQLCompiler
-from sqlalchemy.sql.dml import Insert
-from sqlalchemy.sql.expression import ClauseElement
 
 from core import metrics
-from core.batch import OUTBOX, TRANSITIONS, ApplyResult, Pending, SessionKey, Statements, UserBatch, statements
+from core.batch import SESSIONS, STATE_COLUMNS, ApplyResult, Pending, SessionKey, UserBatch
 from core.db import first_line
 from core.errors import DatabaseUnavailableError
 from core.messages import InboundMessage
+from core.models import UTCDateTime
 
 if TYPE_CHECKING:
     from core.engine import Engine
@@ -47,89 +38,14 @@ if TYPE_CHECKING:
 _R = TypeVar("_R")
 
 
-class _Compiled:
-    """A statement compiled once to psycopg's text; JSON parameters are wrapped for psycopg on the way."""
-
-    def __init__(self, statement: ClauseElement, dialect: Dialect, column_keys: list[str] | None = None) -> None:
-        if isinstance(statement, Insert):
-            statement = statement.inline()  # no RETURNING of generated keys nobody reads
-        compiled = cast(SQLCompiler, statement.compile(dialect=dialect, column_keys=column_keys))
-        self.sql = str(compiled)
-        self.json = tuple(name for name, bind in compiled.binds.items() if isinstance(bind.type, JSON))
-        # Values fixed in the statement itself (a JSON key, LIMIT 1) travel as parameters too.
-        self.fixed = {compiled.bind_names[b]: b.value for b in compiled.binds.values() if not b.required}
-
-    def params(self, values: dict[str, Any]) -> dict[str, Any]:
-        if not self.json and not self.fixed:
-            return values
-        wrapped = {**self.fixed, **values}
-        for name in self.json:
-            if wrapped.get(name) is not None:
-                wrapped[name] = Jsonb(wrapped[name])
-        return wrapped
+_CLAIM = "SELECT session, pending FROM waflow_claim(%s::jsonb, %s, %s)"
+_WRITE = "SELECT waflow_write(%s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s::jsonb, %s)"
+# Columns the claim hands back as ISO text inside the session's JSON.
+_DATETIMES = tuple(c.name for c in SESSIONS.c if isinstance(c.type, UTCDateTime))
 
 
-class _PgStatements:
-    """`Statements` for PostgreSQL, compiled per parameter shape on first use."""
-
-    def __init__(self, dialect: Dialect) -> None:
-        self.dialect = dialect
-        self.source: Statements = statements("postgresql")
-        self.cache: dict[tuple[str, tuple[str, ...]], _Compiled] = {}
-        self.write_sql: dict[object, str] = {}
-
-    def get(self, name: str, params: dict[str, Any]) -> _Compiled:
-        shape = (name, tuple(params))
-        compiled = self.cache.get(shape)
-        if compiled is None:
-            statement = getattr(self.source, name)
-            # An INSERT's columns are the parameters given; other statements name their own bind parameters.
-            keys = list(params) if isinstance(statement, Insert) else None
-            compiled = self.cache[shape] = _Compiled(statement, self.dialect, keys)
-        return compiled
-
-    def write(self, writes: dict[str, list[dict[str, Any]]]) -> tuple[str, dict[str, Any]]:
-        """All of a batch's writes as one statement: inserted rows travel as one JSON document per table
-        (jsonb_to_recordset; dumping a JSON string costs the client a fraction of one array per column), so
-        the text depends only on which kinds of write there are, and is prepared once per shape."""
-        state = next((name for name in ("update_session", "delete_blank") if name in writes), None)
-        inserts = {name: tuple(writes[name][0]) for name in _JSON_INSERTS if writes.get(name)}
-        marks = bool(writes.get("mark_event"))
-        shape = (state, tuple(inserts.items()), marks)
-        sql = self.write_sql.get(shape)
-        params: dict[str, Any] = {}
-        ctes = []
-        for name, columns in inserts.items():
-            table, prefix, suffix = _JSON_INSERTS[name]
-            params[f"{prefix}rows"] = json.dumps(writes[name], default=_json_default)
-            if sql is None:
-                names = ", ".join(columns)
-                types = ", ".join(f"{c} {table.c[c].type.compile(dialect=self.dialect)}" for c in columns)
-                ctes.append(f"{prefix}rows AS (INSERT INTO {table.name} ({names}) SELECT {names} "
-                            f"FROM jsonb_to_recordset(%({prefix}rows)s::jsonb) AS r({types}){suffix})")
-        if marks:
-            rows = writes["mark_event"]
-            params.update(e_at=rows[0]["e_at"], e_id=[r["e_id"] for r in rows], e_result=[r["e_result"] for r in rows])
-            if sql is None:
-                ctes.append(
-                    "marks AS (UPDATE inbound_events SET processed_at = %(e_at)s, result = m.result "
-                    "FROM unnest(%(e_id)s::bigint[], %(e_result)s::varchar[]) AS m(id, result) "
-                    "WHERE inbound_events.id = m.id AND inbound_events.processed_at IS NULL)"
-                )
-        if state is not None:
-            compiled = self.get(state, writes[state][0])
-            params.update(compiled.params(writes[state][0]))
-        if sql is None:
-            main = compiled.sql if state is not None else "SELECT 1"
-            sql = self.write_sql[shape] = (f"WITH {', '.join(ctes)} " if ctes else "") + main
-        return sql, params
-
-
-# Inserts whose rows go as one JSON document: (table, parameter prefix, conflict clause).
-_JSON_INSERTS = {
-    "insert_transition": (TRANSITIONS, "t_", ""),
-    "insert_outbox": (OUTBOX, "o_", " ON CONFLICT (idempotency_key) DO NOTHING"),
-}
+def _json(value: object) -> str:
+    return json.dumps(value, default=_json_default, separators=(",", ":"))
 
 
 def _json_default(value: object) -> str:
@@ -138,58 +54,70 @@ def _json_default(value: object) -> str:
     raise TypeError(f"cannot write {type(value).__name__} as JSON")
 
 
-@cache
-def _pg_statements(dialect: Dialect) -> _PgStatements:
-    return _PgStatements(dialect)
-
-
 class _CorePathNeeded(Exception):
     """Raised before any write when the batch needs the Core path (a number change)."""
 
 
+class _Writes:
+    """What every user batch of one transaction decided, gathered for one `waflow_write` call."""
+
+    def __init__(self) -> None:
+        self.sessions: list[dict[str, Any]] = []
+        self.blanks: list[dict[str, Any]] = []
+        self.transitions: list[dict[str, Any]] = []
+        self.outbox: list[dict[str, Any]] = []
+        self.marks: list[dict[str, Any]] = []
+
+    def add(self, writes: list[tuple[str, list[dict[str, Any]]]]) -> None:
+        for name, rows in writes:
+            if name == "update_session":
+                self.sessions += [
+                    {"phone_number_id": r["k_phone"], "user_id": r["k_user"], **{c: r[f"v_{c}"] for c in STATE_COLUMNS}}
+                    for r in rows
+                ]
+            elif name == "delete_blank":
+                self.blanks += [{"phone_number_id": r["k_phone"], "user_id": r["k_user"]} for r in rows]
+            elif name == "insert_transition":
+                self.transitions += rows
+            elif name == "insert_outbox":
+                self.outbox += rows
+            elif name == "mark_event":
+                self.marks += [{"id": r["e_id"], "result": r["e_result"]} for r in rows]
+            else:
+                raise ValueError(f"no pipelined form for write {name!r}")
+
+    def __bool__(self) -> bool:
+        return bool(self.sessions or self.blanks or self.transitions or self.outbox or self.marks)
+
+    def params(self, now: datetime) -> tuple[str, str, str, str, str, datetime]:
+        return (_json(self.sessions), _json(self.blanks), _json(self.transitions), _json(self.outbox),
+                _json(self.marks), now)
+
+
 class PipelinedBatch(UserBatch):
-    """One user's batch on a connection in pipeline mode; `_apply_users` queues its reads and syncs."""
+    """One user's batch within `_apply_users`: its session comes from `waflow_claim`, its writes go to the
+    transaction's shared `_Writes`."""
 
-    def __init__(self, engine: Engine, conn: psycopg.Connection[Any], key: SessionKey, now: datetime) -> None:
+    def __init__(self, engine: Engine, key: SessionKey, now: datetime, writes: _Writes) -> None:
         super().__init__(engine, key, now)
-        self.conn = conn
-        self.sql = _pg_statements(engine.db.engine.dialect)
+        self.writes = writes
 
-    def _execute(self, cursor: psycopg.Cursor[Any], name: str, params: dict[str, Any]) -> None:
-        statement = self.sql.get(name, params)
-        cursor.execute(statement.sql, statement.params(params))
-
-    def queue_reads(self, limit: int, *, skip_locked: bool) -> tuple[psycopg.Cursor[Any], psycopg.Cursor[Any]]:
-        """Queue insert-if-missing, the lock and the pending read; results come after the next sync."""
-        assert self.engine.lock_sessions  # the naive control takes the Core path
-        params = self._params()
-        self._execute(self.conn.cursor(), "insert_session", self._new_session_row())
-        session = self.conn.cursor(row_factory=dict_row)
-        self._execute(session, "lock_session_or_skip" if skip_locked else "lock_session", params)
-        pending = self.conn.cursor()
-        self._execute(pending, "pending", {**params, "k_limit": limit})
-        return session, pending
-
-    def collect(
-        self, reads: tuple[psycopg.Cursor[Any], psycopg.Cursor[Any]]
-    ) -> tuple[dict[str, Any] | None, list[Pending]] | None:
-        session, pending = reads
-        row = session.fetchone()
-        if row is None:
-            # Locked by another applier (SKIP LOCKED): the pending read ran anyway; its rows are not ours.
-            pending.fetchall()
-            return None
-        for column, value in row.items():
-            if isinstance(value, datetime):
-                row[column] = value.astimezone(UTC)  # as the Core path's UTCDateTime hands them back
-        return row, [Pending(i, InboundMessage.model_validate(m), step) for i, m, step in pending.fetchall()]
+    def collect(self, session: dict[str, Any] | None, pending: list[Any] | None) -> tuple[
+        dict[str, Any] | None, list[Pending]
+    ] | None:
+        if session is None:
+            return None  # locked by another applier (SKIP LOCKED)
+        for column in _DATETIMES:
+            if session[column] is not None:
+                # as the Core path's UTCDateTime hands them back
+                session[column] = datetime.fromisoformat(session[column]).astimezone(UTC)
+        return session, [Pending(i, InboundMessage.model_validate(m), step) for i, m, step in pending or ()]
 
     def _move_to(self, new_user_id: str) -> str:
         raise _CorePathNeeded
 
     def _write(self, original_version: int) -> None:
-        sql, params = self.sql.write(dict(self._writes(original_version)))
-        self.conn.execute(sql, params)
+        self.writes.add(self._writes(original_version))
 
 
 def apply_pipelined(engine: Engine, key: SessionKey, now: datetime) -> ApplyResult | None:
@@ -241,15 +169,22 @@ def _apply_users(
     engine: Engine, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline, keys: list[SessionKey],
     now: datetime, *, skip_locked: bool,
 ) -> dict[SessionKey, ApplyResult]:
-    """Every user's reads in one round trip (with whatever the caller queued before), locked in key order,
-    then each user's decisions and writes, queued for the caller's COMMIT."""
-    batches = [PipelinedBatch(engine, conn, key, now) for key in sorted(set(keys))]
-    reads = [batch.queue_reads(batch.limit + 1, skip_locked=skip_locked) for batch in batches]
+    """Every user's session and pending messages in one claim (queued behind whatever the caller queued, one
+    round trip), locked in key order; then each user's decisions, and one write for all of them, queued for
+    the caller's COMMIT."""
+    writes = _Writes()
+    batches = [PipelinedBatch(engine, key, now, writes) for key in sorted(set(keys))]
+    limit = engine.settings.apply_batch_limit + 1  # one more than a batch: tells whether more remain
+    claim = conn.execute(_CLAIM, (_json([b.new_session_row() for b in batches]), limit, skip_locked))
     started = time.perf_counter()
     pipeline.sync()
     # The wait includes the statements' round trip: an upper bound of the lock wait.
     metrics.LOCK_WAIT.observe(time.perf_counter() - started)
-    return {batch.key: batch.finish(batch.collect(r)) for batch, r in zip(batches, reads, strict=True)}
+    claimed = claim.fetchall()
+    results = {batch.key: batch.finish(batch.collect(*row)) for batch, row in zip(batches, claimed, strict=True)}
+    if writes:
+        conn.execute(_WRITE, writes.params(now))
+    return results
 
 
 def _transaction(

@@ -218,6 +218,101 @@ CREATE TABLE webhook_stats (
 
 UPDATE alembic_version SET version_num='0002' WHERE alembic_version.version_num = '0001';
 
+-- Running upgrade 0002 -> 0003
+
+ALTER TABLE outbox ADD COLUMN send_started_at TIMESTAMP WITH TIME ZONE;
+
+CREATE INDEX ix_outbox_campaign ON outbox (campaign_id);
+
+ALTER TABLE job_runs ADD COLUMN run_key VARCHAR(200);
+
+CREATE UNIQUE INDEX uq_job_runs_run_key ON job_runs (run_key);
+
+UPDATE alembic_version SET version_num='0003' WHERE alembic_version.version_num = '0002';
+
+-- Running upgrade 0003 -> 0006
+
+CREATE OR REPLACE FUNCTION waflow_claim(p_sessions jsonb, p_limit integer, p_skip_locked boolean)
+RETURNS TABLE (session jsonb, pending jsonb)
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    r jsonb;
+    k_phone varchar;
+    k_user varchar;
+BEGIN
+    FOR r IN SELECT value FROM jsonb_array_elements(p_sessions) LOOP
+        k_phone := r->>'phone_number_id';
+        k_user := r->>'user_id';
+        INSERT INTO sessions SELECT * FROM jsonb_populate_record(NULL::sessions, r)
+            ON CONFLICT (phone_number_id, user_id) DO NOTHING;
+        IF p_skip_locked THEN
+            SELECT to_jsonb(s) INTO session FROM sessions s
+             WHERE s.phone_number_id = k_phone AND s.user_id = k_user FOR UPDATE SKIP LOCKED;
+        ELSE
+            SELECT to_jsonb(s) INTO session FROM sessions s
+             WHERE s.phone_number_id = k_phone AND s.user_id = k_user FOR UPDATE;
+        END IF;
+        pending := NULL;
+        IF session IS NOT NULL THEN
+            SELECT jsonb_agg(jsonb_build_array(e.id, e.message, e.context_step) ORDER BY e.timestamp, e.id)
+              INTO pending
+              FROM (SELECT i.id, i.message, i.timestamp,
+                           (SELECT o.step FROM outbox o WHERE o.wamid = i.message->>'context_id' LIMIT 1)
+                               AS context_step
+                      FROM inbound_events i
+                     WHERE i.phone_number_id = k_phone AND i.user_id = k_user AND i.processed_at IS NULL
+                     ORDER BY i.timestamp, i.id
+                     LIMIT p_limit) e;
+        END IF;
+        RETURN NEXT;
+    END LOOP;
+END
+$fn$;
+
+CREATE OR REPLACE FUNCTION waflow_write(
+    p_sessions jsonb, p_blanks jsonb, p_transitions jsonb, p_outbox jsonb, p_marks jsonb, p_at timestamptz
+) RETURNS void
+LANGUAGE plpgsql AS $fn$
+DECLARE
+    r jsonb;
+    m record;
+BEGIN
+    FOR r IN SELECT value FROM jsonb_array_elements(p_sessions) LOOP
+        UPDATE sessions s
+           SET flow = n.flow, flow_version = n.flow_version, current_step = n.current_step, data = n.data,
+               version = n.version, failure_count = n.failure_count, language = n.language,
+               status = n.status, profile_name = n.profile_name, opted_out = n.opted_out,
+               opted_out_at = n.opted_out_at, updated_at = n.updated_at, last_inbound_at = n.last_inbound_at,
+               window_closed_at = n.window_closed_at, step_entered_at = n.step_entered_at,
+               last_transition_at = n.last_transition_at, completed_at = n.completed_at,
+               archived_at = n.archived_at, archived_from = n.archived_from
+          FROM jsonb_populate_record(NULL::sessions, r) n
+         WHERE s.phone_number_id = n.phone_number_id AND s.user_id = n.user_id;
+    END LOOP;
+    FOR r IN SELECT value FROM jsonb_array_elements(p_blanks) LOOP
+        DELETE FROM sessions s
+         WHERE s.phone_number_id = r->>'phone_number_id' AND s.user_id = r->>'user_id' AND s.status = 'new';
+    END LOOP;
+    INSERT INTO transitions (phone_number_id, user_id, flow, flow_version, from_step, to_step, outcome, wamid,
+                             at, applied_at, elapsed_seconds, session_version, language)
+    SELECT phone_number_id, user_id, flow, flow_version, from_step, to_step, outcome, wamid,
+           at, applied_at, elapsed_seconds, session_version, language
+      FROM jsonb_populate_recordset(NULL::transitions, p_transitions);
+    INSERT INTO outbox (idempotency_key, phone_number_id, user_id, kind, body, text, step, in_reply_to, status,
+                        attempts, next_attempt_at, created_at)
+    SELECT idempotency_key, phone_number_id, user_id, kind, body, text, step, in_reply_to, status,
+           attempts, next_attempt_at, created_at
+      FROM jsonb_populate_recordset(NULL::outbox, p_outbox)
+        ON CONFLICT (idempotency_key) DO NOTHING;
+    FOR m IN SELECT * FROM jsonb_to_recordset(p_marks) AS x(id bigint, result varchar) LOOP
+        UPDATE inbound_events SET processed_at = p_at, result = m.result
+         WHERE id = m.id AND processed_at IS NULL;
+    END LOOP;
+END
+$fn$;
+
+UPDATE alembic_version SET version_num='0006' WHERE alembic_version.version_num = '0003';
+
 -- Running upgrade 0002 -> 0004
 
 CREATE TABLE analytics_step_reach (
@@ -243,7 +338,7 @@ CREATE TABLE analytics_watermarks (
     PRIMARY KEY (name)
 );
 
-UPDATE alembic_version SET version_num='0004' WHERE alembic_version.version_num = '0002';
+INSERT INTO alembic_version (version_num) VALUES ('0004') RETURNING alembic_version.version_num;
 
 -- Running upgrade 0004 -> 0005
 
@@ -262,18 +357,6 @@ ALTER TABLE transitions SET (autovacuum_vacuum_insert_threshold = 10000, autovac
 ALTER TABLE analytics_step_reach SET (autovacuum_vacuum_insert_threshold = 10000, autovacuum_vacuum_insert_scale_factor = 0);
 
 UPDATE alembic_version SET version_num='0005' WHERE alembic_version.version_num = '0004';
-
--- Running upgrade 0002 -> 0003
-
-ALTER TABLE outbox ADD COLUMN send_started_at TIMESTAMP WITH TIME ZONE;
-
-CREATE INDEX ix_outbox_campaign ON outbox (campaign_id);
-
-ALTER TABLE job_runs ADD COLUMN run_key VARCHAR(200);
-
-CREATE UNIQUE INDEX uq_job_runs_run_key ON job_runs (run_key);
-
-INSERT INTO alembic_version (version_num) VALUES ('0003') RETURNING alembic_version.version_num;
 
 COMMIT;
 

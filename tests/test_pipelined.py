@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy import text as sql_text
 
 import core.engine as engine_module
-from core.batch import ApplyResult
+from core.batch import STATE_COLUMNS, ApplyResult
 from core.db import Database
 from core.engine import Engine
 from core.errors import DatabaseUnavailableError
@@ -267,3 +267,13 @@ def test_joint_apply_with_a_number_change_writes_nothing_and_hands_back_every_us
         users = set(conn.execute(select(ChatSession.user_id)).scalars())
     assert users == {LEAD, "14155550999"}
     db.dispose()
+
+
+def test_the_write_function_updates_every_state_column(pg_url: str) -> None:
+    # Migration 0006 names the session's columns one by one; a column added to the model and not there would
+    # be decided by the engine and silently never written on PostgreSQL.
+    db = Database(pg_url)
+    with db.engine.connect() as conn:
+        body = conn.scalar(sql_text("SELECT pg_get_functiondef('waflow_write'::regproc)"))
+    db.dispose()
+    assert [c for c in STATE_COLUMNS if f"{c} = n.{c}" not in body] == []
