@@ -27,9 +27,12 @@ from core.messages import InboundMessage
 from core.models import InboundEvent
 from core.pipelined import apply_pipelined, apply_pipelined_together, deliver_pipelined, store_events
 
-__all__ = ["ApplyResult", "DeliverResult", "Engine", "IngestResult", "SessionKey"]
+__all__ = ["JOINT_USERS", "ApplyResult", "DeliverResult", "Engine", "IngestResult", "SessionKey"]
 
 log = logging.getLogger(__name__)
+
+# Users per joint transaction when many are waiting (the webhook's apply thread, the sweeper).
+JOINT_USERS = 32
 
 
 @dataclass(frozen=True)
@@ -171,8 +174,8 @@ class Engine:
         now = now or datetime.now(UTC)
         try:
             result = None
-            if self.pipelines and not skip_locked:
-                result = apply_pipelined(self, key, now)
+            if self.pipelines:
+                result = apply_pipelined(self, key, now, skip_locked=skip_locked)
             if result is None:
                 with self.db.begin() as conn:
                     result = CoreBatch(self, conn, key, now).run(skip_locked=skip_locked)
@@ -197,20 +200,25 @@ class Engine:
         one by one: users locked elsewhere, with more than a batch pending, or all of them when the joint
         transaction could not be used (a number change, SQLite, or any error: one user must not hold back
         the others)."""
+        return self._apply_jointly(keys)[1]
+
+    def _apply_jointly(self, keys: Sequence[SessionKey]) -> tuple[int, list[SessionKey]]:
+        """`apply_together`, also counting the messages it applied."""
         keys = list(dict.fromkeys(keys))
         if len(keys) < 2 or not self.pipelines:
-            return keys
+            return 0, keys
         started = time.perf_counter()
         try:
             results = apply_pipelined_together(self, keys, datetime.now(UTC))
         except Exception as e:
             log.warning("joint apply of %d users failed (%s); applying them one by one", len(keys), e)
-            return keys
+            return 0, keys
         if results is None:
-            return keys
-        if any(r.applied for r in results.values()):
+            return 0, keys
+        applied = sum(r.applied for r in results.values())
+        if applied:
             metrics.APPLY_LATENCY.observe(time.perf_counter() - started)
-        return [key for key, r in results.items() if r.skipped_locked or r.more_pending]
+        return applied, [key for key, r in results.items() if r.skipped_locked or r.more_pending]
 
     def pending_keys(self, *, limit: int = 1000, older_than: timedelta | None = None) -> list[SessionKey]:
         stmt = (
@@ -232,7 +240,8 @@ class Engine:
         return int(count or 0)
 
     def process_pending(self, *, older_than: timedelta | None = None, max_users: int | None = None) -> int:
-        """Apply everything left pending (crash recovery, the sweeper). Users being applied elsewhere are skipped."""
+        """Apply everything left pending (crash recovery, the sweeper): users in groups of `JOINT_USERS` per
+        transaction where the database allows. Users being applied elsewhere are skipped."""
         applied = 0
         seen = 0
         while True:
@@ -240,14 +249,17 @@ class Engine:
             if not keys:
                 return applied
             progress = 0
-            for key in keys:
-                progress += self.apply_all(key, skip_locked=True)
-                seen += 1
+            for start in range(0, len(keys), JOINT_USERS):
+                group = keys[start:start + JOINT_USERS]
+                if max_users is not None:
+                    group = group[:max_users - seen]
+                done, rest = self._apply_jointly(group)
+                progress += done
+                # Skip-locked: a user held by another applier is skipped again here, and left to it.
+                progress += sum(self.apply_all(key, skip_locked=True) for key in rest)
+                seen += len(group)
                 if max_users is not None and seen >= max_users:
                     return applied + progress
             applied += progress
             if progress == 0:
                 return applied  # everything left is locked by another applier right now
-
-
-

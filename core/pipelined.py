@@ -10,7 +10,7 @@ pipeline mode) and two statements, whatever the number of users, through the fun
 2. decide in Python (core.batch, core.machine);
 3. `waflow_write` with every user's writes, then COMMIT — second round trip.
 Statement by statement, psycopg's client-side work per statement cost more than the server's work on it.
-A number change (rare, reads and moves rows mid-batch) and the sweeper's SKIP LOCKED pass use the Core path.
+A number change (rare: it reads and moves rows mid-batch) takes the Core path.
 """
 
 from __future__ import annotations
@@ -120,11 +120,11 @@ class PipelinedBatch(UserBatch):
         self.writes.add(self._writes(original_version))
 
 
-def apply_pipelined(engine: Engine, key: SessionKey, now: datetime) -> ApplyResult | None:
+def apply_pipelined(engine: Engine, key: SessionKey, now: datetime, *, skip_locked: bool = False) -> ApplyResult | None:
     """Apply one user's pending batch in one pipelined transaction; None when it must take the Core path."""
 
     def work(conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> ApplyResult:
-        return _apply_users(engine, conn, pipeline, [key], now, skip_locked=False)[key]
+        return _apply_users(engine, conn, pipeline, [key], now, skip_locked=skip_locked)[key]
 
     return _transaction(engine, f"cannot apply messages of {key}", work)
 

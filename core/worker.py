@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from core.db import Database, insert_for
-from core.engine import Engine, SessionKey
+from core.engine import JOINT_USERS, Engine, SessionKey
 from core.errors import WaflowError
 from core.models import WebhookStat
 
@@ -39,12 +39,11 @@ def take_batch(source: queue.SimpleQueue[T | None], limit: int) -> list[T]:
     return batch
 
 
-
 class ApplyWorker:
     """Applies users' pending messages right after the webhook stored them. Losing this queue loses
     nothing: the messages are durable and the sweeper applies whatever is still pending."""
 
-    def __init__(self, engine: Engine, threads: int = 2, batch_users: int = 32) -> None:
+    def __init__(self, engine: Engine, threads: int = 2, batch_users: int = JOINT_USERS) -> None:
         self.engine = engine
         self.batch_users = batch_users
         self.queue: queue.SimpleQueue[SessionKey | None] = queue.SimpleQueue()

@@ -304,9 +304,12 @@ BEGIN
            attempts, next_attempt_at, created_at
       FROM jsonb_populate_recordset(NULL::outbox, p_outbox)
         ON CONFLICT (idempotency_key) DO NOTHING;
+    -- By id alone: the claim read these messages unprocessed under the session's lock, which every applier
+    -- of this user takes. With "AND processed_at IS NULL" the planner may serve the update from the partial
+    -- pending index (the smaller one), reading every pending message for each one marked: quadratic
+    -- exactly when a backlog is being worked off.
     FOR m IN SELECT * FROM jsonb_to_recordset(p_marks) AS x(id bigint, result varchar) LOOP
-        UPDATE inbound_events SET processed_at = p_at, result = m.result
-         WHERE id = m.id AND processed_at IS NULL;
+        UPDATE inbound_events SET processed_at = p_at, result = m.result WHERE id = m.id;
     END LOOP;
 END
 $fn$;

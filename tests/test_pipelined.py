@@ -101,8 +101,8 @@ def test_pipelined_path_writes_what_the_core_path_writes(
     together: list[dict[Any, ApplyResult] | None] = []
     real, real_together = engine_module.apply_pipelined, engine_module.apply_pipelined_together
 
-    def spy(*args: Any) -> ApplyResult | None:
-        result = real(*args)
+    def spy(*args: Any, **kwargs: Any) -> ApplyResult | None:
+        result = real(*args, **kwargs)
         taken.append(result)
         return result
 
@@ -277,3 +277,33 @@ def test_the_write_function_updates_every_state_column(pg_url: str) -> None:
         body = conn.scalar(sql_text("SELECT pg_get_functiondef('waflow_write'::regproc)"))
     db.dispose()
     assert [c for c in STATE_COLUMNS if f"{c} = n.{c}" not in body] == []
+
+
+def test_process_pending_applies_users_jointly_and_skips_one_locked_elsewhere(
+    pg_url: str, flows_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, engine = _pg_engine(pg_url, flows_dir)
+    users = [f"1415770{i:04d}" for i in range(70)]
+    engine.apply_all(engine.ingest([text(users[0], "hi", BASE_TS)]).session_keys[0])
+    # Stored and never applied (a crash between the two): the sweeper's work.
+    engine.ingest([text(users[0], "Ana", BASE_TS + 5), *(text(u, "hi", BASE_TS + 5) for u in users[1:])])
+    groups: list[int] = []
+    real = engine_module.apply_pipelined_together
+
+    def spy(engine: Engine, keys: list[Any], now: Any) -> Any:
+        groups.append(len(keys))
+        return real(engine, keys, now)
+
+    monkeypatch.setattr(engine_module, "apply_pipelined_together", spy)
+    with db.begin() as conn:  # another applier holds the first user's session
+        conn.execute(select(ChatSession).where(ChatSession.user_id == users[0]).with_for_update())
+        assert engine.process_pending() == 69
+    assert sorted(groups) == [6, 32, 32]
+    assert engine.pending_count() == 1
+    assert engine.process_pending() == 1
+    with db.begin() as conn:
+        steps = dict(conn.execute(select(ChatSession.user_id, ChatSession.current_step)).all())
+        transitions = conn.scalar(select(func.count()).select_from(Transition))
+    assert steps == {user: "ask_name" for user in users[1:]} | {users[0]: "ask_email"}
+    assert transitions == 71
+    db.dispose()
