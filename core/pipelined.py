@@ -15,7 +15,6 @@ A number change (rare: it reads and moves rows mid-batch) takes the Core path.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,6 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import psycopg
+from pydantic_core import to_json
 from sqlalchemy.exc import DBAPIError
 
 from core import metrics
@@ -45,13 +45,9 @@ _DATETIMES = tuple(c.name for c in SESSIONS.c if isinstance(c.type, UTCDateTime)
 
 
 def _json(value: object) -> str:
-    return json.dumps(value, default=_json_default, separators=(",", ":"))
-
-
-def _json_default(value: object) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()  # aware UTC: timestamptz reads the offset
-    raise TypeError(f"cannot write {type(value).__name__} as JSON")
+    # pydantic-core's serializer: several times faster than json.dumps with a default hook, and it writes
+    # aware datetimes as ISO 8601, which timestamptz reads with their offset.
+    return to_json(value).decode()
 
 
 class _CorePathNeeded(Exception):
