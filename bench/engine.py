@@ -100,7 +100,7 @@ def _worker(
             for key in engine.ingest(chunk).session_keys:
                 engine.apply_all(key)
         done = time.perf_counter()
-        latencies += [done - max(due[i], t0) if not rate else done - due[i] for i in range(n, end)]
+        latencies += [done - (due[i] if rate else t0) for i in range(n, end)]
         n = end
     db.dispose()
     return latencies

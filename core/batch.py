@@ -193,24 +193,37 @@ class UserBatch:
 
     def _writes(self, original_version: int) -> list[tuple[str, list[dict[str, Any]]]]:
         """Everything the batch writes, as (statement name in `Statements`, parameter rows), in order."""
-        writes = [] if self.session.get("moved") else self._state_write(original_version)
+        writes = self._state_write(original_version)
         if self.transitions:
             writes.append(("insert_transition", self.transitions))
         if self.outbox:
             writes.append(("insert_outbox", self.outbox))
-        marks = [{"e_id": i, "e_at": self.now, "e_result": r} for r, ids in self.results.items() for i in ids]
+        marks = [{"e_id": i, "e_at": self.now, "e_result": r} for i, r in self._marks()]
         if marks:
             writes.append(("mark_event", marks))
         return writes
 
-    def _state_write(self, original_version: int) -> list[tuple[str, list[dict[str, Any]]]]:
+    def _state_change(self, original_version: int) -> str | None:
+        """What the session row needs: "update", "delete" (a blank one) or None (unchanged, or moved away)."""
         s = self.session
+        if s.get("moved"):
+            return None
         if s["status"] == "new":
             # Nothing applied (only reactions, say): no blank session is left behind.
+            return "delete"
+        return "update" if s["version"] != original_version else None
+
+    def _state_write(self, original_version: int) -> list[tuple[str, list[dict[str, Any]]]]:
+        change = self._state_change(original_version)
+        if change == "delete":
             return [("delete_blank", [self._params()])]
-        if s["version"] != original_version:
-            return [("update_session", [{**self._params(), **{f"v_{c}": s[c] for c in STATE_COLUMNS}}])]
+        if change == "update":
+            return [("update_session", [{**self._params(), **{f"v_{c}": self.session[c] for c in STATE_COLUMNS}}])]
         return []
+
+    def _marks(self) -> list[tuple[int, str]]:
+        """(event id, result) of every message the batch handled."""
+        return [(i, r) for r, ids in self.results.items() for i in ids]
 
     def _params(self) -> dict[str, Any]:
         phone, user = self.key

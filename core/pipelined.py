@@ -64,24 +64,6 @@ class _Writes:
         self.outbox: list[dict[str, Any]] = []
         self.marks: list[dict[str, Any]] = []
 
-    def add(self, writes: list[tuple[str, list[dict[str, Any]]]]) -> None:
-        for name, rows in writes:
-            if name == "update_session":
-                self.sessions += [
-                    {"phone_number_id": r["k_phone"], "user_id": r["k_user"], **{c: r[f"v_{c}"] for c in STATE_COLUMNS}}
-                    for r in rows
-                ]
-            elif name == "delete_blank":
-                self.blanks += [{"phone_number_id": r["k_phone"], "user_id": r["k_user"]} for r in rows]
-            elif name == "insert_transition":
-                self.transitions += rows
-            elif name == "insert_outbox":
-                self.outbox += rows
-            elif name == "mark_event":
-                self.marks += [{"id": r["e_id"], "result": r["e_result"]} for r in rows]
-            else:
-                raise ValueError(f"no pipelined form for write {name!r}")
-
     def __bool__(self) -> bool:
         return bool(self.sessions or self.blanks or self.transitions or self.outbox or self.marks)
 
@@ -113,7 +95,17 @@ class PipelinedBatch(UserBatch):
         raise _CorePathNeeded
 
     def _write(self, original_version: int) -> None:
-        self.writes.add(self._writes(original_version))
+        w = self.writes
+        phone, user = self.key
+        key = {"phone_number_id": phone, "user_id": user}
+        change = self._state_change(original_version)
+        if change == "update":
+            w.sessions.append({**key, **{c: self.session[c] for c in STATE_COLUMNS}})
+        elif change == "delete":
+            w.blanks.append(key)
+        w.transitions += self.transitions
+        w.outbox += self.outbox
+        w.marks += [{"id": i, "result": r} for i, r in self._marks()]
 
 
 def apply_pipelined(engine: Engine, key: SessionKey, now: datetime, *, skip_locked: bool = False) -> ApplyResult | None:

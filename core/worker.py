@@ -88,6 +88,7 @@ class ApplyWorker:
                 except Exception:
                     log.exception("apply of %s failed; it stays pending for the sweeper", key)
 
+
 class Periodic:
     """Runs `fn` every `interval` seconds on a daemon thread until stopped."""
 

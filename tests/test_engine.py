@@ -127,13 +127,14 @@ def test_failed_apply_rolls_back_everything(db: Database, registry: FlowRegistry
     original = engine.__class__.apply_pending
     from core.batch import UserBatch
 
-    real_writes = UserBatch._writes
-    UserBatch._writes = explode  # type: ignore[method-assign,assignment]
+    # Both write paths (Core and pipelined) ask what the session row needs before writing anything.
+    real_state_change = UserBatch._state_change
+    UserBatch._state_change = explode  # type: ignore[method-assign,assignment]
     try:
         with pytest.raises(Boom):
             engine.apply_pending((PHONE, USER))
     finally:
-        UserBatch._writes = real_writes  # type: ignore[method-assign]
+        UserBatch._state_change = real_state_change  # type: ignore[method-assign]
     assert original is engine.__class__.apply_pending
     assert session_row(db) is None
     assert engine.pending_count() == 1
