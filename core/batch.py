@@ -318,6 +318,7 @@ class UserBatch:
                 "elapsed_seconds": elapsed,
                 "session_version": s["version"],
                 "language": decision.language,
+                "restored": decision.restored,
             }
         )
         for index, reply in enumerate(decision.replies):

@@ -29,6 +29,12 @@ class Database:
             raise DatabaseUnavailableError(f"unsupported DATABASE_URL backend {self.url.get_backend_name()!r}")
         self.engine = _sqlite_engine(url) if self.is_sqlite else _postgres_engine(url, pool_size, max_overflow)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # PostgreSQL's default READ COMMITTED gives each statement its own snapshot: a view built from several
+        # statements could show a session's step from one moment and its history from another.
+        consistent = self.engine if self.is_sqlite else self.engine.execution_options(
+            isolation_level="REPEATABLE READ", postgresql_readonly=True
+        )
+        self.snapshots = sessionmaker(consistent, expire_on_commit=False)
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @contextmanager
@@ -51,6 +57,13 @@ class Database:
     @contextmanager
     def session(self) -> Iterator[Session]:
         with self.sessions() as orm_session, orm_session.begin():
+            yield orm_session
+
+    @contextmanager
+    def snapshot(self) -> Iterator[Session]:
+        """A read-only ORM session whose every statement sees the same committed state (PostgreSQL: one
+        REPEATABLE READ, READ ONLY transaction; SQLite: one transaction is already one snapshot)."""
+        with self.snapshots() as orm_session, orm_session.begin():
             yield orm_session
 
     def ping(self) -> None:

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from core.flows import Flow, Step, normalize_keyword
 from core.messages import FLOW_KINDS, MEDIA_KINDS, InboundMessage
+from core.placeholders import render
 
 TEXT_BODY_MAX = 4096
 INTERACTIVE_BODY_MAX = 1024
@@ -24,7 +25,6 @@ _EMAIL = re.compile(
 _DOT_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
 # "1,5" is a decimal in much of the world; "1,500" is ambiguous (thousands?), so three digits are refused.
 _COMMA_NUMBER = re.compile(r"[+-]?\d+,\d{1,2}")
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,8 @@ class Decision:
     language: str
     replies: tuple[Reply, ...]
     opted_out: bool | None = None
+    # This message brought an archived session back (the outcome says what the message itself did).
+    restored: bool = False
 
 
 @dataclass(frozen=True)
@@ -84,7 +86,7 @@ def decide(flow: Flow, state: SessionState | None, message: InboundMessage, *,
     if state is None:
         return _restart(flow, None, _language(flow, language), "started")
     if state.status == "archived":
-        return _restore(flow, state)
+        return _return(flow, state, message, keyword, context_step)
     if state.status == "completed":
         return _restart(flow, state.step, state.language, "started")
     if state.status != "active":
@@ -129,16 +131,6 @@ def prompt_replies(flow: Flow, step_id: str, language: str, data: Mapping[str, A
     return (*notices, _interactive_reply(flow, step, language, prompt))
 
 
-def render(template: str, data: Mapping[str, Any]) -> str:
-    """Fill {key} from data in one pass: missing keys stay as written, braces inside values are never expanded."""
-
-    def fill(match: re.Match[str]) -> str:
-        value = data.get(match[1])
-        return match[0] if value is None else str(value)
-
-    return _PLACEHOLDER.sub(fill, template)
-
-
 # --- outcomes -------------------------------------------------------------------------------------------------
 
 
@@ -150,15 +142,35 @@ def _restart(flow: Flow, from_step: str | None, language: str, outcome: str) -> 
     )
 
 
-def _restore(flow: Flow, state: SessionState) -> Decision:
+def _return(flow: Flow, state: SessionState, message: InboundMessage, keyword: str | None,
+            context_step: str | None) -> Decision:
+    """An archived user writes again. Where the flow resumes, the message counts in the step the user is in: the
+    typical case is a reply to a reminder that asked that very question, and dropping it would ask again. Only a
+    message that is not an answer (a greeting on a choice step, a stale tap, an invalid value) gets the welcome
+    back and the question; a reset keyword starts over as it would in an active session."""
+    restored = _restore(flow, state)
+    if not _resumes(flow, state):
+        return restored  # a new run: the message only starts it
+    applied = _decide_active(flow, replace(state, status="active"), message, keyword, context_step)
+    if applied.outcome in ("advanced", "completed", "reset"):
+        return replace(applied, restored=True)
+    return restored
+
+
+def _resumes(flow: Flow, state: SessionState) -> bool:
+    """Whether an archived session picks up where it stood (else the returning user starts a new run)."""
     archived_step = flow.steps.get(state.step)
-    # A finished (or no longer existing) step cannot be resumed: the returning user starts a new run.
-    resume = flow.on_return == "resume" and archived_step is not None and not archived_step.terminal
-    to_step, data = (state.step, dict(state.data)) if resume else (flow.start, {})
+    # A finished (or no longer existing) step cannot be resumed.
+    return flow.on_return == "resume" and archived_step is not None and not archived_step.terminal
+
+
+def _restore(flow: Flow, state: SessionState) -> Decision:
+    to_step, data = (state.step, dict(state.data)) if _resumes(flow, state) else (flow.start, {})
     return Decision(
         outcome="restored", from_step=state.step, to_step=to_step, data=data, failure_count=0,
         status=_status(flow, to_step), language=state.language,
         replies=prompt_replies(flow, to_step, state.language, data, notice=flow.text("welcome_back", state.language)),
+        restored=True,
     )
 
 

@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
     text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -148,6 +149,8 @@ class Transition(Base):
     elapsed_seconds: Mapped[float | None] = mapped_column(Float)
     session_version: Mapped[int] = mapped_column(BigInteger)
     language: Mapped[str | None] = mapped_column(String(16))
+    # The message brought an archived session back; `outcome` says what it did there (see core.lifecycle).
+    restored: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (
         Index("ix_transitions_flow_at", "flow", "at"),
@@ -269,7 +272,8 @@ class FollowUp(Base):
     user_id: Mapped[str] = mapped_column(String(128))
     attempt: Mapped[int] = mapped_column(Integer)
     step: Mapped[str] = mapped_column(String(100))
-    status: Mapped[str] = mapped_column(String(16))  # queued | skipped
+    # queued | skipped | cancelled (the sender's re-check found the user no longer stalled: `reason` says why)
+    status: Mapped[str] = mapped_column(String(16))
     reason: Mapped[str | None] = mapped_column(Text)
     outbox_id: Mapped[int | None] = mapped_column(ForeignKey("outbox.id"))
     # The session's last inbound time when this follow-up was decided: a reply is anything after it.
@@ -375,3 +379,17 @@ MOVES = text(f"outcome IN ({', '.join(repr(o) for o in MOVING_OUTCOMES)}) AND el
 Index("ix_transitions_moves", Transition.at, Transition.id,
       postgresql_include=["flow", "phone_number_id", "language", "from_step", "to_step", "elapsed_seconds"],
       postgresql_where=MOVES, sqlite_where=MOVES)
+
+# Migration 0008: sessions still in their flow (core.lifecycle.in_progress: active, or archived while active),
+# the ones every stalled, state and campaign read covers. Most sessions are archived, most of those finished:
+# the stalled list and count and the state distribution are index-only scans of the first index (by last
+# message, with what those pages show), campaign preview and the follow-up job walk the second one step by step,
+# oldest stall first. Queries spell the statuses as literals (core.lifecycle) for the planner to prove this.
+IN_PROGRESS = text("status = 'active' OR (status = 'archived' AND archived_from = 'active')")
+Index("ix_sessions_in_progress", ChatSession.last_inbound_at, ChatSession.phone_number_id, ChatSession.user_id,
+      postgresql_include=["flow", "current_step", "language", "status", "opted_out", "window_closed_at",
+                          "step_entered_at", "created_at"],
+      postgresql_where=IN_PROGRESS, sqlite_where=IN_PROGRESS)
+Index("ix_sessions_step_in_progress", ChatSession.flow, ChatSession.current_step, ChatSession.last_inbound_at,
+      ChatSession.phone_number_id, ChatSession.user_id,
+      postgresql_where=IN_PROGRESS, sqlite_where=IN_PROGRESS)

@@ -27,7 +27,8 @@ def window_expires_at(session: ChatSession) -> datetime | None:
 
 
 def session_view(db: Database, phone_number_id: str, user_id: str) -> dict[str, Any] | None:
-    with db.session() as s:
+    """The session, its inbound messages, transitions and outbound messages, all from one snapshot."""
+    with db.snapshot() as s:
         session = s.get(ChatSession, (phone_number_id, user_id))
         if session is None or session.status == "new":
             return None
@@ -77,6 +78,7 @@ def session_view(db: Database, phone_number_id: str, user_id: str) -> dict[str, 
                     "wamid": t.wamid,
                     "at": _iso(t.at),
                     "applied_at": _iso(t.applied_at),
+                    "restored": t.restored,
                 }
                 for t in transitions
             ],
@@ -108,7 +110,7 @@ def _inbound_item(event: InboundEvent) -> dict[str, Any]:
 
 
 def outbound_view(db: Database, wamid: str) -> dict[str, Any] | None:
-    with db.session() as s:
+    with db.snapshot() as s:
         current = s.get(MessageStatus, wamid)
         history = s.scalars(
             select(MessageStatusEvent)

@@ -41,15 +41,18 @@ def webhook_results(frame: pd.DataFrame) -> go.Figure:
 
 
 def states(frame: pd.DataFrame) -> go.Figure:
-    fig = px.bar(frame, x="step", y="users", color="flow", barmode="group", text="users",
-                 color_discrete_sequence=PALETTE, hover_data=["p50_hours_in_step", "p90_hours_in_step"])
-    return _layout(fig, "Active users by current step", 380)
+    long = frame.melt(id_vars=["flow", "step"], value_vars=["active", "archived"], var_name="status",
+                      value_name="users")
+    fig = px.bar(long, x="step", y="users", color="status", facet_col="flow", text="users",
+                 color_discrete_sequence=PALETTE)
+    fig.update_xaxes(matches=None)  # each flow shows its own steps only
+    return _layout(fig, "Users in progress by current step (active and archived)", 380)
 
 
 def time_in_step(frame: pd.DataFrame) -> go.Figure:
     fig = px.bar(frame, x="step", y="p50_hours_in_step", color="flow", barmode="group",
                  color_discrete_sequence=PALETTE, labels={"p50_hours_in_step": "median hours in step"})
-    return _layout(fig, "How long active users have been in their step (median)")
+    return _layout(fig, "How long users have been in their step (median)")
 
 
 def funnel(frame: pd.DataFrame) -> go.Figure:
@@ -103,7 +106,7 @@ def stalled_by_step(frame: pd.DataFrame) -> go.Figure:
 
 
 def campaign_results(frame: pd.DataFrame) -> go.Figure:
-    measures = ["targeted", "sent", "delivered", "read", "failed", "replied", "recovered", "skipped"]
+    measures = ["targeted", "sent", "delivered", "read", "failed", "replied", "recovered", "skipped", "cancelled"]
     long = frame.melt(id_vars="campaign", value_vars=measures, var_name="measure", value_name="sessions")
     fig = px.bar(long, x="measure", y="sessions", color="campaign", barmode="group", color_discrete_sequence=PALETTE)
     return _layout(fig, "Results per campaign", 380)

@@ -3,8 +3,15 @@
 Claim: one short transaction moves up to `send_batch_size` due rows to "sending" (claimed_at, claimed_by),
 PostgreSQL taking them with FOR UPDATE SKIP LOCKED so concurrent senders never take the same row. A row is
 not due while an earlier message to the same user is still waiting (keeps each user's messages in order)
-or was sent less than `send_user_spacing_seconds` ago. Follow-ups (campaign rows) to users who opted out
-are cancelled first; replies to a user's own messages still go.
+or was sent less than `send_user_spacing_seconds` ago.
+
+Recheck: a follow-up (a campaign row) may leave long after it was queued, so every try of one is checked
+again (`core.campaigns.recheck_followup`) against the session, its FollowUp row and the campaign, in the
+transaction that commits `send_started_at` right before the HTTP call. It is cancelled when the user replied,
+moved on, completed the flow or opted out, or the campaign is paused; a free text whose 24 h window closed since
+queueing is switched to the campaign's template (or cancelled without one). The session row is read FOR SHARE
+(PostgreSQL), so a message being applied right now is waited for rather than missed; messages stored but not yet
+applied count as a reply too. Replies to a user's own messages are never rechecked: they always go.
 
 Send: rows are grouped per user (sent in order, spaced) and the groups spread over `send_workers`
 threads; a per-business-number rate limiter keeps each number under `send_rate_per_second`. One sender runs
@@ -31,17 +38,19 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, exists, or_, select, update
-from sqlalchemy.orm import aliased
+from sqlalchemy import and_, exists, func, or_, select, update
+from sqlalchemy.orm import Session, aliased
 
 from core import metrics
+from core.campaigns import LiveSession, QueuedFollowUp, Recheck, facts_of, recheck_followup
 from core.config import Settings
 from core.db import Database
-from core.models import ChatSession, Outbox, SenderPause
+from core.messages import FLOW_KINDS
+from core.models import Campaign, ChatSession, FollowUp, InboundEvent, Outbox, SenderPause
 from core.whatsapp import ErrorClass, GraphClient, SendResult, pause_sending, refresh_pause_gauge
 
 log = logging.getLogger(__name__)
@@ -57,6 +66,9 @@ class Claimed:
     body: dict[str, Any]
     attempts: int
     claimed_at: datetime
+    kind: str = "text"
+    campaign_id: int | None = None  # set: a follow-up, rechecked before every try
+    step: str | None = None
 
 
 class RateLimiter:
@@ -116,7 +128,6 @@ def run_sender(
         return now + timedelta(seconds=time.monotonic() - started)
 
     totals: Counter[str] = Counter()
-    totals["cancelled_opted_out"] = cancel_opted_out_followups(db)
     own_client = client is None and settings.send_mode == "live"
     http = make_client(settings) if own_client else client
     try:
@@ -133,24 +144,6 @@ def run_sender(
             http.close()
     refresh_pause_gauge(db)
     return {k: v for k, v in totals.items() if v}
-
-
-def cancel_opted_out_followups(db: Database) -> int:
-    """Follow-ups never go to users who opted out (even if queued before the STOP arrived)."""
-    opted_out = exists().where(
-        ChatSession.phone_number_id == Outbox.phone_number_id,
-        ChatSession.user_id == Outbox.user_id,
-        ChatSession.opted_out.is_(True),
-    )
-    with db.begin() as conn:
-        count = conn.execute(
-            update(Outbox)
-            .where(Outbox.status == "queued", Outbox.campaign_id.is_not(None), opted_out)
-            .values(status="cancelled", error_title="user opted out")
-        ).rowcount
-    if count:
-        metrics.OUTBOX_RESULTS.labels("cancelled").inc(count)
-    return int(count)
 
 
 def claim_due(db: Database, now: datetime, owner: str, limit: int, user_spacing: float) -> list[Claimed]:
@@ -182,13 +175,15 @@ def claim_due(db: Database, now: datetime, owner: str, limit: int, user_spacing:
         update(o)
         .where(o.id.in_(due))
         .values(status="sending", claimed_at=now, claimed_by=owner, send_started_at=None)
-        .returning(o.id, o.phone_number_id, o.user_id, o.body, o.attempts)
+        .returning(o.id, o.phone_number_id, o.user_id, o.body, o.attempts, o.kind, o.campaign_id, o.step)
     )
     with db.begin() as conn:
         rows = conn.execute(stmt).all()
-    return sorted(
-        (Claimed(r.id, r.phone_number_id, r.user_id, r.body, r.attempts, now) for r in rows), key=lambda c: c.id
+    claimed = (
+        Claimed(r.id, r.phone_number_id, r.user_id, r.body, r.attempts, now, r.kind, r.campaign_id, r.step)
+        for r in rows
     )
+    return sorted(claimed, key=lambda c: c.id)
 
 
 class _Run:
@@ -205,6 +200,7 @@ class _Run:
         self.limiter = shared_limiter(settings.send_rate_per_second)
         self.paused: set[str] = set()
         self._lock = threading.Lock()
+        self._notes: Counter[str] = Counter()  # counts besides each row's outcome (follow-ups switched to templates)
 
     def send(self, claimed: list[Claimed]) -> Counter[str]:
         groups: dict[tuple[str, str], list[Claimed]] = {}
@@ -216,26 +212,35 @@ class _Run:
             for result in pool.map(self._send_group, groups.values()):
                 counts.update(result)
         counts["released"] += self._release([row.id for row in claimed])
+        with self._lock:
+            counts.update(self._notes)
+            self._notes.clear()
         return counts
 
     def _send_group(self, rows: list[Claimed]) -> Counter[str]:
         """One user's messages in order; the rest wait when one of them cannot go now."""
         counts: Counter[str] = Counter()
-        for index, row in enumerate(rows):
+        tried = False
+        for row in rows:
             if row.phone_number_id in self.paused:
                 break
-            if index:
+            if tried:
                 time.sleep(self.settings.send_user_spacing_seconds)
             outcome = self._send_one(row)
             counts[outcome] += 1
+            if outcome.startswith("cancelled_"):
+                continue  # never sent: nothing to space from, and the user's next message need not wait
+            tried = True
             if outcome not in ("sent", "failed"):
                 break  # keep this user's order: later messages wait for this one
         return counts
 
     def _send_one(self, row: Claimed) -> str:
         self.limiter.wait(row.phone_number_id)
-        if not self._mark_started(row):
-            return "lost_claim"
+        started = self._mark_started(row)
+        if isinstance(started, str):
+            return started
+        row = started
         try:
             result = self._call(row)
         except Exception as e:  # noqa: BLE001 - a bug here must not leave the row claimed forever
@@ -257,15 +262,38 @@ class _Run:
         finally:
             metrics.SEND_LATENCY.observe(time.perf_counter() - started)
 
-    def _mark_started(self, row: Claimed) -> bool:
-        with self.db.begin() as conn:
-            return bool(
-                conn.execute(
-                    update(Outbox)
-                    .where(Outbox.id == row.id, Outbox.status == "sending", Outbox.claimed_by == self.owner)
-                    .values(send_started_at=self.clock(), attempts=Outbox.attempts + 1)
-                ).rowcount
-            )
+    def _mark_started(self, row: Claimed) -> Claimed | str:
+        """Commit the try right before the HTTP call. Returns the row to send (a follow-up's body possibly
+        switched to its template), or the outcome when it must not go: "lost_claim", "cancelled_<cause>".
+
+        A follow-up is rechecked in this same transaction: nothing but the call lies between check and request."""
+        now = self.clock()
+        with self.db.session() as s:
+            check, followup = _recheck(s, row, now) if row.campaign_id is not None else (None, None)
+            values: dict[str, Any] = {"send_started_at": now, "attempts": Outbox.attempts + 1}
+            if check is not None and check.action == "cancel":
+                values = {"status": "cancelled", "error_title": check.reason}
+            elif check is not None and check.plan is not None:
+                plan = check.plan
+                values.update(kind=plan.kind, body=plan.body, text=plan.text, template=plan.template)
+            mine = (Outbox.id == row.id, Outbox.status == "sending", Outbox.claimed_by == self.owner)
+            if not s.connection().execute(update(Outbox).where(*mine).values(**values)).rowcount:
+                return "lost_claim"
+            if followup is not None and check is not None:
+                _note_on_followup(followup, check)
+        return row if check is None else self._after_recheck(row, check)
+
+    def _after_recheck(self, row: Claimed, check: Recheck) -> Claimed | str:
+        if check.action == "cancel":
+            log.info("follow-up outbox %s to %s/%s cancelled: %s", row.id, row.phone_number_id, row.user_id,
+                     check.reason)
+            metrics.OUTBOX_RESULTS.labels("cancelled").inc()
+            return f"cancelled_{check.cause}"
+        if check.plan is None or check.plan.body is None:
+            return row
+        with self._lock:
+            self._notes["switched_to_template"] += 1
+        return replace(row, body=check.plan.body, kind=check.plan.kind or "template")
 
     def _record(self, row: Claimed, result: SendResult) -> str:
         attempts = row.attempts + 1
@@ -339,3 +367,50 @@ class _Run:
                     .values(status="queued", claimed_at=None, claimed_by=None)
                 ).rowcount
             )
+
+
+def _recheck(s: Session, row: Claimed, now: datetime) -> tuple[Recheck, FollowUp | None]:
+    """The follow-up against the session, its FollowUp row and its campaign as they are now."""
+    # The session first, FOR SHARE: an apply holds it FOR UPDATE until it commits, so a message being applied
+    # right now is waited for, not missed. (The engine's lock order too: session, then outbox.)
+    session = s.get(ChatSession, (row.phone_number_id, row.user_id), with_for_update={"read": True})
+    followup = s.scalars(
+        select(FollowUp).where(
+            FollowUp.phone_number_id == row.phone_number_id, FollowUp.user_id == row.user_id,
+            FollowUp.outbox_id == row.id,
+        )
+    ).first()
+    campaign = s.get(Campaign, row.campaign_id)
+    if followup is not None:
+        queued = QueuedFollowUp(kind=row.kind, step=followup.step, stalled_since=followup.stalled_since)
+    else:  # an outbox row written by hand: its own step, and no stall to compare replies with
+        queued = QueuedFollowUp(kind=row.kind, step=row.step or "", stalled_since=None)
+    live = None
+    # A session without any inbound message was never targeted: treated like a missing one.
+    if session is not None and session.last_inbound_at is not None:
+        live = LiveSession(
+            flow=session.flow, current_step=session.current_step, status=session.status,
+            archived_from=session.archived_from, facts=facts_of(session), pending_inbound_at=_pending_at(s, row),
+        )
+    return recheck_followup(campaign, queued, live, now), followup
+
+
+def _pending_at(s: Session, row: Claimed) -> datetime | None:
+    """WhatsApp time of the user's newest message stored but not applied yet (ix_inbound_pending)."""
+    newest = s.scalar(
+        select(func.max(InboundEvent.timestamp)).where(
+            InboundEvent.phone_number_id == row.phone_number_id, InboundEvent.user_id == row.user_id,
+            InboundEvent.processed_at.is_(None), InboundEvent.kind.in_(FLOW_KINDS),
+        )
+    )
+    return None if newest is None else datetime.fromtimestamp(newest, UTC)
+
+
+def _note_on_followup(followup: FollowUp, check: Recheck) -> None:
+    """Results read follow-ups. A cancelled one counts as neither sent nor against the campaign's max_sends
+    (core.campaigns.targeting counts status "queued"), so a user who stalls again can get a new one."""
+    if check.action == "cancel":
+        followup.status = "cancelled"
+        followup.reason = check.reason
+    elif check.action == "template":
+        followup.reason = "24 h window closed after queueing: sent as the template"

@@ -67,10 +67,13 @@ def followup_rows(db: Database) -> list[FollowUp]:
 
 def test_text_followup_inside_the_window_is_queued_once(engine: Engine, db: Database, registry: FlowRegistry,
                                                         settings: Settings) -> None:
-    stall(engine, "due", T0 - timedelta(hours=3))
-    stall(engine, "recent", T0 - timedelta(hours=1))
+    # Real time, not T0: the follow-up goes after the flow's own replies (queued at real time), and the sender
+    # rechecks the 24 h window when it sends (a text queued at T0 would be long out of it by now).
+    now = datetime.now(UTC)
+    stall(engine, "due", now - timedelta(hours=3))
+    stall(engine, "recent", now - timedelta(hours=1))
     c = campaign(db, registry)
-    assert run_followups(db, settings, T0) == {"queued_text": 1}
+    assert run_followups(db, settings, now) == {"queued_text": 1}
     [row] = followup_outbox(db)
     assert row.user_id == "due"
     assert row.kind == "text"
@@ -80,8 +83,7 @@ def test_text_followup_inside_the_window_is_queued_once(engine: Engine, db: Data
     assert (row.campaign_id, row.step, row.status) == (c.id, "ask_email", "queued")
     [followup] = followup_rows(db)
     assert (followup.attempt, followup.status, followup.outbox_id) == (1, "queued", row.id)
-    assert run_followups(db, settings, T0 + timedelta(minutes=5)) == {}
-    # Sent after the flow's own replies to that user (queued at real time, so the sender runs at real time).
+    assert run_followups(db, settings, now + timedelta(minutes=5)) == {}
     run_sender(db, settings.model_copy(update={"send_user_spacing_seconds": 0.0}), datetime.now(UTC))
     assert followup_outbox(db)[0].status == "sent"
 

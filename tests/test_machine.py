@@ -199,6 +199,36 @@ def test_archived_session_resumes_where_it_was() -> None:
                                    "¡Encantado, Ana! ¿A qué correo electrónico te podemos escribir?")
 
 
+def test_an_archived_users_answer_counts_in_the_step_they_were_in() -> None:
+    state = at(LEAD, "ask_email", {"name": "Ana"}, failure_count=2, status="archived")
+    decision = decide(LEAD, state, text(" Ana@Example.com "))
+    assert (decision.outcome, decision.from_step, decision.to_step, decision.status, decision.restored) == (
+        "advanced", "ask_email", "ask_city", "active", True)
+    assert (decision.data, decision.failure_count) == ({"name": "Ana", "email": "ana@example.com"}, 0)
+    assert only_text(decision) == LEAD.step("ask_city").prompt["en"]  # the next question, no welcome back
+    last = decide(LEAD, at(LEAD, "ask_city", {"name": "Ana"}, status="archived"), text("Lima"))
+    assert (last.outcome, last.to_step, last.status, last.restored) == ("completed", "done", "completed", True)
+
+
+def test_an_archived_users_tap_on_the_current_buttons_counts_and_a_stale_one_is_welcomed_back() -> None:
+    state = at(BOOKING, "choose_service", status="archived")
+    choice = BOOKING.step("choose_service").choices[0].id
+    tapped = decide(BOOKING, state, tap(choice), context_step="choose_service")
+    assert (tapped.outcome, tapped.restored, tapped.data[BOOKING.step("choose_service").key]) == (
+        "advanced", True, choice)
+    stale = decide(BOOKING, state, tap(choice), context_step="confirm")
+    assert (stale.outcome, stale.to_step, stale.restored) == ("restored", "choose_service", True)
+
+
+def test_an_archived_user_who_says_start_over_restarts() -> None:
+    decision = decide(LEAD, at(LEAD, "ask_email", {"name": "Ana"}, status="archived"), text("start over"))
+    assert (decision.outcome, decision.to_step, decision.data, decision.restored) == ("reset", "ask_name", {}, True)
+
+
+def test_an_active_users_answer_is_not_marked_restored() -> None:
+    assert decide(LEAD, at(LEAD, "ask_email", {"name": "Ana"}), text("ana@example.com")).restored is False
+
+
 def test_archived_session_restarts_when_the_flow_says_so() -> None:
     decision = decide(POLY, at(POLY, "ask_name", {"x": 1}, status="archived"), text("hi"))
     assert (decision.outcome, decision.to_step, decision.data) == ("restored", "pick_language", {})

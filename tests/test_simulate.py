@@ -186,15 +186,15 @@ def test_spanish_speakers_write_spanish(scenario: Scenario) -> None:
     assert all(s.lower() == "baja" for s in stops)
 
 
-def test_returning_users_are_gated_with_a_restoring_greeting(scenario: Scenario) -> None:
+def test_returning_users_answer_the_question_they_left(scenario: Scenario) -> None:
+    """No greeting first: archived or not, a returning user's answer counts in the step they left."""
     gated = [p for p in scenario.posts if p.gate == "return"]
     returned = {u.user_id for u in scenario.users if u.fate == "returned"}
     assert {p.messages[0].user_id for p in gated} == returned
     for post in gated:
-        assert post.prefix is not None
-        assert post.prefix.user_id == post.messages[0].user_id
-        assert post.prefix.timestamp <= post.messages[0].timestamp
-        parse_webhook(webhook_body((post.prefix,)))
+        assert len(post.messages) == 1
+        assert post.messages[0].label != "return_greeting"
+        parse_webhook(webhook_body(post.messages))
 
 
 def test_context_ids_and_reactions_use_the_resolved_outbound_wamid(scenario: Scenario) -> None:
@@ -375,16 +375,18 @@ def test_player_reports_a_rejected_post_without_retrying(fake_meta: Callable[...
     assert player.failures == ['HTTP 400: {"error": "invalid JSON"}']
 
 
-def test_player_greets_first_when_a_returning_users_session_was_archived(fake_meta: Callable[..., _FakeMeta],
-                                                                          scenario: Scenario) -> None:
+def test_player_sends_a_returning_users_answer_and_counts_archived_returns(
+    fake_meta: Callable[..., _FakeMeta], scenario: Scenario
+) -> None:
     gated = next(p for p in scenario.posts if p.gate == "return")
-    for archived, expected in ((True, [gated.prefix, *gated.messages]), (False, list(gated.messages))):
+    for archived in (True, False):
         server = fake_meta(archived=archived)
         player = Player(server.url, "s3cret", admin_token="t0ken", progress=False)
         player.deliver(gated)
         sent = [m.wamid for body, _ in server.posts for m in parse_webhook(body).messages]
-        assert sent == [m.wamid for m in expected if m is not None]
+        assert sent == [m.wamid for m in gated.messages]
         assert set(server.admin_auth) == {"Bearer t0ken"}
+        assert player.stats["returns_archived" if archived else "returns_active"] == 1
 
 
 def test_player_waits_for_healthz_then_gives_up(fake_meta: Callable[..., _FakeMeta]) -> None:

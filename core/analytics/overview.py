@@ -1,4 +1,4 @@
-"""Overview and States pages: traffic, session counts over time, where active users are."""
+"""Overview and States pages: traffic, session counts over time, where users in progress are."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from core.analytics.common import (
     _transition_filters,
 )
 from core.db import Database
+from core.lifecycle import in_progress
 from core.models import (
     ChatSession,
     InboundEvent,
@@ -109,24 +110,34 @@ def messages_per_hour(db: Database, since: datetime | None = None, until: dateti
 
 # ---------------------------------------------------------------------------------------- states
 def state_distribution(db: Database, now: datetime, filters: Filters = Filters()) -> pd.DataFrame:
-    """Where active users are: flow, step, users and how long they have been in that step (hours, p50/p90).
+    """Where users in progress are: flow, step, users (active + archived: archived users still stand in their
+    step, see core.lifecycle) and how long they have been in that step (hours, p50/p90).
 
     The date range selects users by their last message (`last_inbound_at`).
     """
-    clauses = [ChatSession.status == "active", *_session_filters(filters)]
+    clauses = [in_progress(), *_session_filters(filters)]
     if filters.since:
         clauses.append(ChatSession.last_inbound_at >= filters.since)
     if filters.until:
         clauses.append(ChatSession.last_inbound_at < filters.until)
     entered = func.coalesce(ChatSession.step_entered_at, ChatSession.last_inbound_at, ChatSession.created_at)
+    archived = case((ChatSession.status == "archived", 1), else_=0)
     stmt = select(
         ChatSession.flow,
         ChatSession.current_step.label("step"),
         (now.timestamp() - _epoch(db, entered)).label("seconds"),
+        archived.label("archived"),
     ).where(*clauses)
     frame = _quantiles(db, stmt, ["flow", "step"], "seconds", (0.5, 0.9))
     frame = frame.rename(columns={"n": "users"})
     frame["users"] = frame["users"].astype(int)
+    split = _frame(db, select(ChatSession.flow, ChatSession.current_step.label("step"),
+                              func.sum(archived).label("archived")).where(*clauses)
+                   .group_by(ChatSession.flow, ChatSession.current_step))
+    frame = frame.merge(split, on=["flow", "step"], how="left") if not frame.empty else frame.assign(archived=[])
+    frame["archived"] = frame["archived"].fillna(0).astype(int)
+    frame.insert(frame.columns.get_loc("users") + 1, "active", frame["users"] - frame["archived"])
+    frame.insert(frame.columns.get_loc("active") + 1, "archived", frame.pop("archived"))
     frame["p50_hours_in_step"] = (frame.pop("p50").astype(float) / 3600).round(2)
     frame["p90_hours_in_step"] = (frame.pop("p90").astype(float) / 3600).round(2)
     return frame.sort_values(["flow", "users"], ascending=[True, False]).reset_index(drop=True)

@@ -1,4 +1,8 @@
-"""Stalled users page: users idle in a step longer than a threshold, with their 24 h window."""
+"""Stalled users page: users idle in a step longer than a threshold, with their 24 h window.
+
+Archived sessions are included (archived means idle, not gone: core.lifecycle); the `status` column says
+which users are still active and which were archived for being silent past the archive cutoff.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,7 @@ from sqlalchemy import (
 
 from core.analytics.common import Filters, _epoch, _frame, _session_filters, _to_utc
 from core.db import Database
+from core.lifecycle import presence_filter, presence_of
 from core.models import (
     ChatSession,
     FollowUp,
@@ -28,7 +33,8 @@ from core.views import SERVICE_WINDOW
 
 @dataclass(frozen=True)
 class StalledQuery:
-    """Users idle in a step: active sessions whose last message is at least `idle_seconds` before `now`."""
+    """Users idle in a step: in-progress sessions (active or archived) whose last message is at least
+    `idle_seconds` before `now`."""
 
     now: datetime
     idle_seconds: float
@@ -38,6 +44,7 @@ class StalledQuery:
     language: str | None = None
     window: str = "any"  # any | inside | outside (the 24 h customer-service window)
     opted_out: str = "any"  # any | yes | no
+    status: str = "any"  # any | active | archived (see core.lifecycle)
     limit: int | None = 10000
 
 
@@ -51,7 +58,7 @@ def _window_open(now: datetime) -> ColumnElement[bool]:
 
 def _stalled_clauses(q: StalledQuery) -> list[ColumnElement[bool]]:
     clauses: list[ColumnElement[bool]] = [
-        ChatSession.status == "active",
+        *presence_filter(q.status),
         ChatSession.last_inbound_at <= q.now - timedelta(seconds=q.idle_seconds),
         *_session_filters(Filters(q.flow, q.phone_number_id, q.language)),
     ]
@@ -80,6 +87,7 @@ def stalled_users(db: Database, q: StalledQuery) -> pd.DataFrame:
             ChatSession.flow,
             ChatSession.current_step.label("step"),
             ChatSession.language,
+            ChatSession.status,
             ChatSession.last_inbound_at,
             (q.now.timestamp() - _epoch(db, ChatSession.last_inbound_at)).label("idle_seconds"),
             case((_window_open(q.now), True), else_=False).label("inside_window"),
@@ -91,6 +99,7 @@ def stalled_users(db: Database, q: StalledQuery) -> pd.DataFrame:
         .limit(q.limit)
     )
     frame = _frame(db, stmt)
+    frame["status"] = frame["status"].map(presence_of)
     frame["last_inbound_at"] = _to_utc(frame["last_inbound_at"])
     frame["idle_hours"] = (frame.pop("idle_seconds").astype(float) / 3600).round(2)
     frame["inside_window"] = frame["inside_window"].astype(bool)

@@ -2,7 +2,9 @@
 
 The dashboard and the CLI manage campaigns only through these functions; `jobs/followups.py` sends them.
 `plan_followup` is the one pure rule deciding when and how a stalled session gets a follow-up, used both
-by the job and by `preview_targets`, so the preview shows exactly what the job will do.
+by the job and by `preview_targets`, so the preview shows exactly what the job will do. `recheck_followup` is
+the pure rule the sender (`jobs/sender.py`) applies right before each try of a follow-up: send, switch to the
+template, or cancel.
 """
 
 from core.campaigns.planning import (
@@ -14,11 +16,19 @@ from core.campaigns.planning import (
     quiet_end_after,
     window_expires,
 )
+from core.campaigns.recheck import (
+    CANCEL_REASONS,
+    LiveSession,
+    QueuedFollowUp,
+    Recheck,
+    recheck_followup,
+)
 from core.campaigns.results import (
     PREVIEW_COLUMNS,
     RECOVERING_OUTCOMES,
     RESULT_COLUMNS,
     campaign_results,
+    cancellations_by_reason,
     failures_by_code,
     preview_targets,
 )
@@ -38,19 +48,24 @@ from core.campaigns.spec import (
 from core.campaigns.targeting import FACT_COLUMNS, PastFollowUp, facts_of, history_of, load_histories, stall_filter
 
 __all__ = [
+    "CANCEL_REASONS",
     "CampaignSpec",
     "FACT_COLUMNS",
     "FollowUpPlan",
     "History",
+    "LiveSession",
     "PREVIEW_COLUMNS",
     "PastFollowUp",
+    "QueuedFollowUp",
     "RECOVERING_OUTCOMES",
     "RESULT_COLUMNS",
+    "Recheck",
     "SessionFacts",
     "WINDOW_CLOSED_CODE",
     "WINDOW_SAFETY",
     "build_spec",
     "campaign_results",
+    "cancellations_by_reason",
     "create_campaign",
     "facts_of",
     "failures_by_code",
@@ -63,6 +78,7 @@ __all__ = [
     "plan_followup",
     "preview_targets",
     "quiet_end_after",
+    "recheck_followup",
     "set_active",
     "spec_of",
     "stall_filter",

@@ -1,4 +1,8 @@
-"""When and how a stalled session gets a follow-up: pure rules (quiet hours, 24 h window, templates)."""
+"""When and how a stalled session gets a follow-up: pure rules (quiet hours, 24 h window, templates).
+
+Placeholders of the text and template parameters are filled strictly (core.placeholders.render_strict): a
+user without a value for a placeholder that has no fallback is skipped with the reason, so no `{...}` is sent.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,10 @@ from datetime import datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from core.campaigns.spec import _PARAM_KEY, WINDOW_SAFETY, CampaignLike
-from core.machine import TEXT_BODY_MAX, render
+from core.campaigns.spec import SESSION_FIELDS, WINDOW_SAFETY, CampaignLike
+from core.errors import WaflowError
+from core.machine import TEXT_BODY_MAX
+from core.placeholders import has_value, render_strict
 from core.views import SERVICE_WINDOW
 
 
@@ -21,6 +27,7 @@ class SessionFacts:
     last_inbound_at: datetime
     window_closed_at: datetime | None
     opted_out: bool
+    profile_name: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,14 @@ def _hhmm(value: str) -> time:
     return time(int(hours), int(minutes))
 
 
+def placeholder_values(facts: SessionFacts) -> dict[str, Any]:
+    """What placeholders are filled from: the session's data, and its fields (SESSION_FIELDS) where the data has
+    no value of that name (a flow may collect its own `profile_name`, the name the user typed)."""
+    values: dict[str, Any] = {field: getattr(facts, field) for field in SESSION_FIELDS}
+    values.update((k, v) for k, v in facts.data.items() if has_value(v) or k not in values)
+    return values
+
+
 def window_expires(facts: SessionFacts) -> datetime | None:
     """Same rule as core.views.window_expires_at: a 131047 after the last message closes the window."""
     if facts.window_closed_at is not None and facts.window_closed_at >= facts.last_inbound_at:
@@ -97,7 +112,10 @@ def plan_followup(campaign: CampaignLike, facts: SessionFacts, history: History,
     if history.skipped_this_stall:
         return FollowUpPlan(None, "none", "skipped earlier in this stall", window_open)
     if window_open and campaign.text:
-        text = render(campaign.text, facts.data)[:TEXT_BODY_MAX]
+        try:
+            text = render_strict(campaign.text, placeholder_values(facts))[:TEXT_BODY_MAX]
+        except WaflowError as e:
+            return FollowUpPlan(due, "skip", str(e), window_open)
         body = {"type": "text", "text": {"body": text}}
         return FollowUpPlan(due, "text", None, window_open, kind="text", body=body, text=text)
     if campaign.template_name:
@@ -108,16 +126,16 @@ def plan_followup(campaign: CampaignLike, facts: SessionFacts, history: History,
 
 def _template_plan(campaign: CampaignLike, facts: SessionFacts, due: datetime, window_open: bool) -> FollowUpPlan:
     values: list[str] = []
-    for param in campaign.template_params or []:
-        match = _PARAM_KEY.fullmatch(param)
-        if match is None:
-            values.append(param)
-            continue
-        value = facts.data.get(match[1])
-        if value is None or str(value).strip() == "":
-            reason = f"template parameter {param} is not in the session data"
-            return FollowUpPlan(due, "skip", reason, window_open)
-        values.append(str(value))
+    data = placeholder_values(facts)
+    for number, param in enumerate(campaign.template_params or [], start=1):
+        try:
+            value = render_strict(param, data)
+        except WaflowError as e:
+            return FollowUpPlan(due, "skip", f"template parameter {number}: {e}", window_open)
+        if not value.strip():
+            # Meta rejects an empty parameter; an empty fallback ({key|}) is meant for free text.
+            return FollowUpPlan(due, "skip", f"template parameter {number} is empty", window_open)
+        values.append(value)
     template: dict[str, Any] = {"name": campaign.template_name, "language": {"code": campaign.template_language}}
     if values:
         template["components"] = [{"type": "body", "parameters": [{"type": "text", "text": v} for v in values]}]

@@ -90,7 +90,7 @@ def _stalled_with_histories(
 
 RESULT_COLUMNS = [
     "campaign_id", "campaign", "active", "targeted", "sent", "delivered", "read", "failed", "replied", "recovered",
-    "skipped",
+    "skipped", "cancelled",
 ]
 # An answer that moves the user out of the follow-up's step (the counterpart of "stalled there").
 RECOVERING_OUTCOMES = ("advanced", "completed")
@@ -112,10 +112,14 @@ def _result_counts(db: Database, campaign_ids: list[int], now: datetime) -> dict
 
     Per follow-up: sent, delivered, read, failed, replied (the user wrote after it, up to `now`) and recovered
     (advanced out of its step within the campaign's recovery window) count queued follow-ups; skipped counts
-    the skipped ones; targeted counts the sessions. ix_transitions_session_at answers both "after it" checks.
+    the skipped ones, cancelled those the sender cancelled right before sending (jobs/sender.py: the user
+    replied, moved on, completed or opted out, the campaign was paused, the window closed without a template);
+    targeted counts the sessions. ix_transitions_session_at answers both "after it" checks.
     """
     f, t = FollowUp, Transition
     queued = f.status == "queued"
+    # Before the sender rechecked follow-ups it cancelled opt-outs on the outbox row only.
+    cancelled = or_(f.status == "cancelled", and_(queued, Outbox.status == "cancelled"))
     after = and_(t.phone_number_id == f.phone_number_id, t.user_id == f.user_id, t.at > f.created_at, t.at <= now)
     recovered = exists().where(
         after, t.outcome.in_(RECOVERING_OUTCOMES), t.from_step == f.step,
@@ -129,6 +133,7 @@ def _result_counts(db: Database, campaign_ids: list[int], now: datetime) -> dict
         "replied": and_(queued, exists().where(after)),
         "recovered": and_(queued, recovered),
         "skipped": f.status == "skipped",
+        "cancelled": cancelled,
     }
     per_session = (
         select(f.campaign_id, *(func.count().filter(test).label(name) for name, test in counted.items()))
@@ -151,7 +156,7 @@ def _result_counts(db: Database, campaign_ids: list[int], now: datetime) -> dict
 
 
 def campaign_results(db: Database, campaign: int | str | None, now: datetime) -> pd.DataFrame:
-    """One row per campaign: targeted, sent, delivered, read, failed, replied, recovered, skipped."""
+    """One row per campaign: targeted, sent, delivered, read, failed, replied, recovered, skipped, cancelled."""
     import pandas as pd
     campaigns = [get_campaign(db, campaign)] if campaign is not None else list_campaigns(db)
     counts = _result_counts(db, [c.id for c in campaigns], now) if campaigns else {}
@@ -160,6 +165,27 @@ def campaign_results(db: Database, campaign: int | str | None, now: datetime) ->
         {"campaign_id": c.id, "campaign": c.name, "active": c.active, **counts.get(c.id, none)} for c in campaigns
     ]
     return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+
+
+def cancellations_by_reason(db: Database, campaign: int | str) -> pd.DataFrame:
+    """Follow-ups of one campaign cancelled right before sending, by reason (most frequent first)."""
+    import pandas as pd
+    target = get_campaign(db, campaign)
+    reason = func.coalesce(Outbox.error_title, FollowUp.reason).label("reason")
+    stmt = (
+        select(reason, func.count().label("count"))
+        .select_from(FollowUp)
+        .outerjoin(Outbox, Outbox.id == FollowUp.outbox_id)
+        .where(
+            FollowUp.campaign_id == target.id,
+            or_(FollowUp.status == "cancelled", and_(FollowUp.status == "queued", Outbox.status == "cancelled")),
+        )
+        .group_by(reason)
+        .order_by(func.count().desc(), reason)
+    )
+    with db.engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    return pd.DataFrame([{"reason": reason, "count": int(n)} for reason, n in rows], columns=["reason", "count"])
 
 
 def failures_by_code(db: Database, campaign: int | str) -> pd.DataFrame:

@@ -1,4 +1,12 @@
-"""A campaign's definition (validated `CampaignSpec`) and its storage: create, read, edit, pause."""
+"""A campaign's definition (validated `CampaignSpec`) and its storage: create, read, edit, pause.
+
+`text` and each of `template_params` may hold placeholders (grammar in core.placeholders): `{key}` is filled
+from the session's data, `{key|fallback}` falls back to `fallback` when the user has no value. A key must be
+one the flow collects (a step's `key` or `increment`, in any version of the flow) or a session field
+(SESSION_FIELDS: `profile_name`, the user's WhatsApp profile name). They are checked when a campaign is created
+or edited, so a typo such as `{nme}` is refused there instead of reaching users; a user who lacks a value for a
+placeholder without fallback is skipped at planning time (core.campaigns.planning), never sent the braces.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from core.errors import WaflowError
 from core.flows import FlowRegistry
 from core.machine import TEXT_BODY_MAX
 from core.models import Campaign
+from core.placeholders import KEY, PlaceholderError, parse
 
 WINDOW_CLOSED_CODE = 131047
 # Free text is only chosen if the window is still open this long after the decision (the sender needs time).
@@ -26,7 +35,10 @@ WINDOW_SAFETY = timedelta(minutes=5)
 _DURATION_PART = re.compile(r"(\d+)\s*([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _HHMM = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
-_PARAM_KEY = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+# Placeholder keys filled from the session row rather than its data (core.campaigns.planning.placeholder_values).
+SESSION_FIELDS = ("profile_name",)
+# An edit touching one of these re-checks the placeholders; pausing a campaign with an old text still works.
+_PLACEHOLDER_FIELDS = frozenset({"text", "template_params", "flow"})
 
 
 def parse_duration(text: str) -> int:
@@ -142,9 +154,43 @@ def _check_flow(spec: CampaignSpec, flows: FlowRegistry | None) -> None:
         )
 
 
+def _placeholder_texts(spec: CampaignSpec) -> list[tuple[str, str]]:
+    texts = [("text", spec.text)] if spec.text is not None else []
+    return texts + [(f"template parameter {i}", p) for i, p in enumerate(spec.template_params, start=1)]
+
+
+def _check_placeholders(spec: CampaignSpec, flows: FlowRegistry | None) -> None:
+    """Braces that are not placeholders, always; keys neither the flow nor the session has, when `flows` is given."""
+    available = None if flows is None else available_keys(flows, spec.flow)
+    for where, text in _placeholder_texts(spec):
+        try:
+            placeholders = parse(text)
+        except PlaceholderError as e:
+            raise WaflowError(f"invalid campaign {spec.name!r}: {where}: {e}") from e
+        for placeholder in placeholders:
+            if available is not None and placeholder.key not in available:
+                raise WaflowError(
+                    f"invalid campaign {spec.name!r}: unknown placeholder {{{placeholder.key}}} in {where}; "
+                    f"available: {', '.join(f'{{{k}}}' for k in sorted(available))}"
+                )
+
+
+def available_keys(flows: FlowRegistry, flow_name: str) -> set[str]:
+    """Keys a placeholder of a campaign on this flow may name: what any version of the flow stores, and the
+    session fields. A session keeps the version it started with, so an older version's keys still have values."""
+    keys = set(SESSION_FIELDS)
+    for flow in flows:
+        if flow.name == flow_name:
+            for step in flow.steps.values():
+                keys.update(k for k in (step.key, step.increment) if k is not None and KEY.fullmatch(k))
+    return keys
+
+
 def create_campaign(db: Database, spec: CampaignSpec, flows: FlowRegistry | None = None) -> Campaign:
-    """Store a new campaign. Unknown flow/step (when `flows` is given) or a taken name -> WaflowError."""
+    """Store a new campaign. Unknown flow/step or placeholder key (when `flows` is given), malformed
+    placeholders or a taken name -> WaflowError, and nothing is stored."""
     _check_flow(spec, flows)
+    _check_placeholders(spec, flows)
     try:
         with db.session() as s:
             campaign = Campaign(**spec.model_dump())
@@ -181,7 +227,8 @@ def spec_of(campaign: Campaign) -> CampaignSpec:
 
 
 def update_campaign(db: Database, campaign_id: int, flows: FlowRegistry | None = None, **changes: Any) -> Campaign:
-    """Change some fields; the result is validated as a whole (e.g. removing the text needs a template)."""
+    """Change some fields; the result is validated as a whole (e.g. removing the text needs a template), and
+    its placeholders again when the text, template parameters or flow change."""
     unknown = set(changes) - set(CampaignSpec.model_fields)
     if unknown:
         raise WaflowError(f"unknown campaign field(s): {', '.join(sorted(unknown))}")
@@ -191,6 +238,8 @@ def update_campaign(db: Database, campaign_id: int, flows: FlowRegistry | None =
     except ValidationError as e:
         raise _spec_error(e) from e
     _check_flow(spec, flows)
+    if _PLACEHOLDER_FIELDS & set(changes):
+        _check_placeholders(spec, flows)
     try:
         with db.session() as s:
             row = s.get(Campaign, current.id)

@@ -15,15 +15,17 @@ from sqlalchemy.orm import Session
 
 from core.campaigns.planning import History, SessionFacts
 from core.campaigns.spec import WINDOW_CLOSED_CODE, CampaignLike
+from core.lifecycle import in_progress
 from core.models import ChatSession, FollowUp, Outbox
 
 
 def stall_filter(campaign: CampaignLike) -> list[Any]:
-    """Sessions sitting in the campaign's step (status active), with the campaign's optional filters."""
+    """Sessions sitting in the campaign's step, archived ones included (archived means idle, not gone: see
+    core.lifecycle), with the campaign's optional filters."""
     conditions: list[Any] = [
         ChatSession.flow == campaign.flow,
         ChatSession.current_step == campaign.step,
-        ChatSession.status == "active",
+        in_progress(),
         ChatSession.last_inbound_at.is_not(None),
     ]
     if campaign.filter_language:
@@ -36,7 +38,7 @@ def stall_filter(campaign: CampaignLike) -> list[Any]:
 # What facts_of reads: select these instead of whole ChatSession objects when there are thousands of sessions.
 FACT_COLUMNS = (
     ChatSession.phone_number_id, ChatSession.user_id, ChatSession.language, ChatSession.data,
-    ChatSession.last_inbound_at, ChatSession.window_closed_at, ChatSession.opted_out,
+    ChatSession.last_inbound_at, ChatSession.window_closed_at, ChatSession.opted_out, ChatSession.profile_name,
 )
 
 
@@ -47,6 +49,7 @@ def facts_of(session: ChatSession | Row[Any]) -> SessionFacts:
         phone_number_id=session.phone_number_id, user_id=session.user_id, language=session.language,
         data=dict(session.data or {}), last_inbound_at=session.last_inbound_at,
         window_closed_at=session.window_closed_at, opted_out=bool(session.opted_out),
+        profile_name=session.profile_name,
     )
 
 

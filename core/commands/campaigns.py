@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
 from core import campaigns as api
 from core.commands.common import open_database
+from core.config import Settings
+from core.db import Database
 from core.errors import WaflowError
 from core.flows import default_flows_dir, load_flows
 from core.whatsapp import paused_numbers, resume_sending
@@ -24,10 +27,12 @@ def register(sub: Any) -> None:
     add.add_argument("--flow", required=True)
     add.add_argument("--step", required=True)
     add.add_argument("--after", required=True, help="delay since the user's last message: 90s, 30m, 2h, 3d, 1h30m")
-    add.add_argument("--text", help="free text (only inside the 24 h window); {key} is filled from session data")
+    add.add_argument("--text", help="free text (only inside the 24 h window); {key} is filled from session data "
+                     "or {profile_name}, {key|fallback} falls back when the user has no value")
     add.add_argument("--template", help="approved template name (used outside the 24 h window)")
     add.add_argument("--language", help="template language code, e.g. en_US")
-    add.add_argument("--param", action="append", default=[], help='template body parameter: "{key}" or a literal')
+    add.add_argument("--param", action="append", default=[],
+                     help='template body parameter: a literal, "{key}" or "{key|fallback}"')
     add.add_argument("--max-sends", type=int, default=1)
     add.add_argument("--quiet", help="quiet hours HH:MM-HH:MM in --timezone, e.g. 21:00-08:00")
     add.add_argument("--timezone", help="IANA timezone of the quiet hours (default: QUIET_HOURS_TIMEZONE, UTC)")
@@ -46,7 +51,8 @@ def register(sub: Any) -> None:
         toggle.add_argument("campaign", help="name or id")
         toggle.set_defaults(handler=cmd_set_active, active=active)
 
-    results = commands.add_parser("results", help="targeted, sent, delivered, read, failed, replied, recovered")
+    results = commands.add_parser("results", help="targeted, sent, delivered, read, failed, replied, recovered, "
+                                  "skipped, cancelled (and why)")
     results.add_argument("campaign", nargs="?", help="name or id (default: all)")
     results.set_defaults(handler=cmd_results)
 
@@ -61,6 +67,13 @@ def register(sub: Any) -> None:
     resume = sending_commands.add_parser("resume", help="resume sending from a business number")
     resume.add_argument("phone_number_id")
     resume.set_defaults(handler=cmd_resume_sending)
+
+
+def _open_database() -> tuple[Settings, Database]:
+    # Alembic logs two INFO lines each time it reads the schema version: an operator's error (a typo in a
+    # placeholder, a taken name) would then be three lines on stderr instead of one.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+    return open_database()
 
 
 def _duration(text: str, option: str) -> int:
@@ -80,7 +93,7 @@ def _quiet(text: str | None) -> tuple[str | None, str | None]:
 
 
 def cmd_add(args: argparse.Namespace) -> int:
-    settings, db = open_database()
+    settings, db = _open_database()
     quiet_start, quiet_end = _quiet(args.quiet)
     spec = api.build_spec(
         name=args.name, flow=args.flow, step=args.step, delay_seconds=_duration(args.after, "--after"),
@@ -129,7 +142,7 @@ def print_table(rows: list[dict[str, str]], columns: tuple[str, ...]) -> None:
 
 
 def cmd_list(_args: argparse.Namespace) -> int:
-    _settings, db = open_database()
+    _settings, db = _open_database()
     rows = [_describe(c) for c in api.list_campaigns(db)]
     if not rows:
         print("no campaigns")
@@ -139,31 +152,34 @@ def cmd_list(_args: argparse.Namespace) -> int:
 
 
 def cmd_set_active(args: argparse.Namespace) -> int:
-    _settings, db = open_database()
+    _settings, db = _open_database()
     campaign = api.set_active(db, args.campaign, args.active)
     print(f"campaign {campaign.id} {campaign.name!r} {'resumed' if campaign.active else 'paused'}")
     return 0
 
 
 def cmd_results(args: argparse.Namespace) -> int:
-    _settings, db = open_database()
+    _settings, db = _open_database()
     frame = api.campaign_results(db, args.campaign, datetime.now(UTC))
     if frame.empty:
         print("no campaigns")
         return 0
     print(frame.to_string(index=False))
+    for row in frame[frame["cancelled"] > 0].itertuples():
+        print(f"\ncancelled before sending, {row.campaign}:")
+        print(api.cancellations_by_reason(db, int(row.campaign_id)).to_string(index=False))
     return 0
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    _settings, db = open_database()
+    _settings, db = _open_database()
     frame = api.preview_targets(db, args.campaign, datetime.now(UTC))
     print(frame.to_string(index=False) if not frame.empty else "no session is in that step")
     return 0
 
 
 def cmd_paused(_args: argparse.Namespace) -> int:
-    _settings, db = open_database()
+    _settings, db = _open_database()
     paused = paused_numbers(db)
     if not paused:
         print("no business number is paused")
@@ -173,7 +189,7 @@ def cmd_paused(_args: argparse.Namespace) -> int:
 
 
 def cmd_resume_sending(args: argparse.Namespace) -> int:
-    _settings, db = open_database()
+    _settings, db = _open_database()
     if not resume_sending(db, args.phone_number_id):
         raise WaflowError(f"{args.phone_number_id} is not paused")
     print(f"sending from {args.phone_number_id} resumed")

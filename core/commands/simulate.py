@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import quote, urlsplit, urlunsplit
@@ -246,14 +246,11 @@ class Player:
         bar.finish()
 
     def deliver(self, post: Post) -> None:
-        if post.gate == "return" and post.prefix is not None:
+        if post.gate == "return":
             head = post.messages[0]
             view = self.session_view(head.phone_number_id, head.user_id)
-            if view is not None and view.get("status") == "archived":
-                self.stats["returns_archived"] += 1
-                self._send(replace(post, messages=(post.prefix,), gate=None, prefix=None))
-            else:
-                self.stats["returns_active"] += 1
+            archived = view is not None and view.get("status") == "archived"
+            self.stats["returns_archived" if archived else "returns_active"] += 1
         self._send(post)
 
     def _send(self, post: Post) -> None:

@@ -14,7 +14,6 @@ from core.simulation.people import (
     _CITIES,
     _GREETINGS,
     _RESET,
-    _RETURN_GREETINGS,
     _STOP,
     _UNSUPPORTED,
     _email_for,
@@ -56,12 +55,12 @@ class _Conversation:
             body={"from": self.plan.user_id, "id": wamid, "timestamp": str(self.t), **obj},
         )
 
-    def deliver(self, messages: tuple[SimMessage, ...], *, prefix: SimMessage | None = None) -> None:
+    def deliver(self, messages: tuple[SimMessage, ...]) -> None:
         # Never before this user's previous POST: a user's messages may share a POST, not overtake one.
         at = max(self.last_at, max(m.timestamp for m in messages) + self.rng.randint(0, 2))
         self.last_at = at
         gate, self.pending_gate = self.pending_gate, None
-        self.posts.append(Post(at=at, messages=messages, gate=gate, prefix=prefix))
+        self.posts.append(Post(at=at, messages=messages, gate=gate))
         for m in messages:
             if self.rng.random() < self.gen.config.redelivery_share:
                 # Meta retries (or a second subscribed app): same wamid, new bytes, seconds to minutes later.
@@ -237,13 +236,13 @@ class _Conversation:
         return decide(self.flow, self.state, again, context_step=context_step).outcome in ("stale", "reprompted")
 
     def returning(self, step: Step) -> None:
-        """Days later the user answers the question they left; a greeting first if the session was archived."""
-        prefix = self.message("return_greeting", self.text(self.rng.choice(_RETURN_GREETINGS[self.lang])))
+        """Days later the user answers the question they left (often a reply to our reminder); archived or not,
+        the answer counts there."""
         label, obj = self.valid_answer(step)
         context = self.prompts.get(step.id) if step.input == "choice" else None
         msg = self.send(label, obj, context_text=context, context_step=step.id if context else None,
                         after=self.think(step), post=False)
-        self.deliver((msg,), prefix=prefix)
+        self.deliver((msg,))
 
     def stale_tap(self) -> None:
         """Hours later the user scrolls up and taps a button of a question the bot has moved past."""

@@ -74,10 +74,9 @@ class Post:
     messages: tuple[SimMessage, ...]
     encoding: str = "meta"
     redelivery: bool = False
-    # "return": the first POST of a returning user; if their session was archived meanwhile, send `prefix`
-    # (a greeting that restores it) first, so the answers that follow land on the right question.
+    # "return": the first POST of a returning user (the player counts whether their session was archived
+    # meanwhile; either way the answer counts in the step they left).
     gate: str | None = None
-    prefix: SimMessage | None = None
 
 
 @dataclass

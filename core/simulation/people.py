@@ -24,7 +24,6 @@ _GREETINGS: dict[str, dict[str, tuple[str, ...]]] = {
     "service_booking": {"en": ("Hi", "Hi, I'd like to book", "hello", "Hey! Do you have space this week?"),
                         "es": ("Hola", "Hola, quiero pedir cita", "Buenas tardes", "Hola! Tenéis hueco?")},
 }
-_RETURN_GREETINGS = {"en": ("Hi again", "Sorry, I'm back", "hello?"), "es": ("Hola de nuevo", "Perdón, ya estoy")}
 _RESET = {"en": ("start over", "RESTART"), "es": ("reiniciar", "empezar de nuevo")}
 _STOP = {"en": ("STOP", "stop", "Unsubscribe"), "es": ("BAJA", "baja")}
 _BAD_TIME = {"en": ("half past ten", "10h30", "tomorrow morning", "21:00"),

@@ -25,6 +25,13 @@ def _done(message: str) -> None:
     st.rerun()
 
 
+PLACEHOLDER_HELP = (
+    "{key} is filled from the data the flow collected, or {profile_name} (WhatsApp profile name); "
+    "{key|fallback} uses the fallback when the user has no value. Users without a value for a placeholder "
+    "without fallback are skipped."
+)
+
+
 def _form_fields(prefix: str, current: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """The campaign fields as a dict for build_spec, or None after showing what is wrong."""
     c = current or {}
@@ -35,12 +42,14 @@ def _form_fields(prefix: str, current: dict[str, Any] | None = None) -> dict[str
     step = st.selectbox("Step", steps, key=f"{prefix}_step",
                         index=steps.index(c["step"]) if c.get("step") in steps else 0)
     delay = st.text_input("Send after idle for", value=_duration(c.get("delay_seconds"), "2h"), key=f"{prefix}_delay")
-    text = st.text_area("Free-text message (inside the 24 h window)", value=c.get("text") or "", key=f"{prefix}_text")
+    text = st.text_area("Free-text message (inside the 24 h window)", value=c.get("text") or "", key=f"{prefix}_text",
+                        help=PLACEHOLDER_HELP)
     cols = st.columns(3)
     template = cols[0].text_input("Template name", value=c.get("template_name") or "", key=f"{prefix}_tpl")
     language = cols[1].text_input("Template language", value=c.get("template_language") or "", key=f"{prefix}_tl")
     params = cols[2].text_input("Template parameters (comma-separated, {data_key} or literal)",
-                                value=",".join(c.get("template_params") or []), key=f"{prefix}_tp")
+                                value=",".join(c.get("template_params") or []), key=f"{prefix}_tp",
+                                help=PLACEHOLDER_HELP)
     cols = st.columns(4)
     max_sends = cols[0].number_input("Max sends", 1, 10, int(c.get("max_sends") or 1), key=f"{prefix}_max")
     quiet_start = cols[1].text_input("Quiet from (HH:MM)", value=c.get("quiet_start") or "", key=f"{prefix}_qs")

@@ -9,9 +9,11 @@ from dashboard import charts, common, data
 
 WINDOW = {"Any": "any", "Inside 24 h window": "inside", "Outside window": "outside"}
 OPTED = {"Any": "any", "Subscribed only": "no", "Opted out only": "yes"}
+STATUS = {"Active and archived": "any", "Active only": "active", "Archived only": "archived"}
 
 st.title("Stalled users")
-st.caption("Active users whose last message is older than the idle threshold, longest idle first.")
+st.caption("Users still in their flow whose last message is older than the idle threshold, longest idle first. "
+           "Archived users (silent past the archive cutoff) are included: they resume where they stopped.")
 if common.no_traffic():
     st.stop()
 
@@ -20,7 +22,7 @@ filters = common.filter_bar("stalled", dates=False)
 steps = list(data.flow(filters.flow).steps) if filters.flow else sorted(
     {s for f in data.registry() for s in f.steps}
 )
-cols = st.columns(5)
+cols = st.columns(6)
 with cols[0]:
     step_choice = st.selectbox("Step", [common.ALL, *steps], key="stalled_step")
 with cols[1]:
@@ -30,6 +32,8 @@ with cols[2]:
 with cols[3]:
     opted = OPTED[st.selectbox("Opt-out", list(OPTED), key="stalled_opted")]
 with cols[4]:
+    presence = STATUS[st.selectbox("Status", list(STATUS), key="stalled_status")]
+with cols[5]:
     limit = int(st.number_input("Max rows", min_value=1, max_value=100_000, value=1000, step=100,
                                 key="stalled_limit"))
 try:
@@ -41,7 +45,7 @@ except ValueError as e:
 step = None if step_choice == common.ALL else step_choice
 query = StalledQuery(now=now, idle_seconds=idle_seconds, flow=filters.flow, step=step,
                      phone_number_id=filters.phone_number_id, language=filters.language, window=window,
-                     opted_out=opted, limit=limit)
+                     opted_out=opted, status=presence, limit=limit)
 frame = data.stalled_users(url, query)
 total = data.stalled_count(url, query)
 shown = common.masked(frame)
