@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -104,3 +105,16 @@ class StatusUpdate(BaseModel):
     @classmethod
     def _numeric_timestamp(cls, value: object) -> int:
         return InboundMessage._numeric_timestamp(value)
+
+
+@dataclass(frozen=True)
+class RejectedMessage:
+    """One message of an accepted body that cannot be stored (a value out of bounds): it goes to the quarantine
+    with the reason, never into a statement shared with other messages. `envelope` is the message with its
+    `metadata` and `contacts`, as a webhook `value` of its own, so a retry can parse it again on its own."""
+
+    reason: str
+    envelope: dict[str, Any]
+    phone_number_id: str | None = None
+    user_id: str | None = None
+    wamid: str | None = None

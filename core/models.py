@@ -112,7 +112,12 @@ class InboundEvent(Base):
     received_at: Mapped[datetime] = mapped_column(default=utcnow)
     processed_at: Mapped[datetime | None]
     # applied | ignored (no transition: reaction, system, unsupported) | moved (user changed number)
+    # | late (older than a message already applied: logged, never taken as an answer)
+    # | quarantined (failed to apply `APPLY_MAX_ATTEMPTS` times: see `quarantine`)
     result: Mapped[str | None] = mapped_column(String(16))
+    # Failed applies of this message so far, and the last error: bounded retries before quarantine.
+    apply_attempts: Mapped[int] = mapped_column(Integer, default=0, server_default=text("0"))
+    apply_error: Mapped[str | None] = mapped_column(Text)
 
     __table_args__ = (
         UniqueConstraint("phone_number_id", "wamid", name="uq_inbound_wamid"),
@@ -316,6 +321,53 @@ class JobRun(Base):
         Index("ix_job_runs_job_started", "job", "started_at"),
         Index("uq_job_runs_run_key", "run_key", unique=True),
     )
+
+
+class QuarantinedMessage(Base):
+    """A message we could not take (intake: a value out of bounds) or could not apply (apply: the flow or the
+    engine failed on it `APPLY_MAX_ATTEMPTS` times). Held here with the reason until an operator retries or drops
+    it; it never blocks the user's later messages, other users, or the sweeper."""
+
+    __tablename__ = "quarantine"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    stage: Mapped[str] = mapped_column(String(16))  # intake | apply
+    # Identifying fields as far as they could be read, cleaned and cut to their column sizes (the originals
+    # may be exactly what was out of bounds).
+    phone_number_id: Mapped[str | None] = mapped_column(String(64))
+    user_id: Mapped[str | None] = mapped_column(String(128))
+    wamid: Mapped[str | None] = mapped_column(String(256))
+    # apply: the stored message (inbound_events.id), which keeps processed_at set and result "quarantined".
+    event_id: Mapped[int | None] = mapped_column(BigInteger)
+    reason: Mapped[str] = mapped_column(Text)
+    # intake: the message as received, as JSON text with what PostgreSQL cannot store escaped (core.quarantine).
+    payload: Mapped[str | None] = mapped_column(Text)
+    # One row per poison, however often Meta retries it: sha256 of the payload (intake) or "event:<id>" (apply).
+    fingerprint: Mapped[str] = mapped_column(String(80), unique=True)
+    seen: Mapped[int] = mapped_column(Integer, default=1)
+    status: Mapped[str] = mapped_column(String(16), default="held")  # held | retried | dropped
+    first_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None]
+    resolved_by: Mapped[str | None] = mapped_column(String(100))
+
+    __table_args__ = (Index("ix_quarantine_status_seen", "status", "last_seen_at"),)
+
+
+class AuditEntry(Base):
+    """Every operator action (CLI, admin API, dashboard): who, when, what, on what, and why."""
+
+    __tablename__ = "audit_log"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    actor: Mapped[str] = mapped_column(String(100))  # "cli:<os user>", "admin-api", "dashboard:<user>"
+    action: Mapped[str] = mapped_column(String(50))
+    target: Mapped[str] = mapped_column(Text)  # e.g. "session 100000000000111/34600111222", "quarantine 7"
+    reason: Mapped[str] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    __table_args__ = (Index("ix_audit_log_at", "at"),)
 
 
 class WebhookStat(Base):

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from core.errors import PayloadError
-from core.messages import InboundMessage, Location, Media, StatusUpdate
+from core.messages import InboundMessage, Location, Media, RejectedMessage, StatusUpdate
 
 # Meta sends bodies up to 3 MB; the webhook answers 413 above this cap, before reading further.
 MAX_BODY_BYTES = 3 * 1024 * 1024 + 64 * 1024
@@ -38,6 +38,8 @@ class ParsedWebhook:
     messages: list[InboundMessage]  # in payload order; the engine sorts per user by timestamp
     statuses: list[StatusUpdate]
     notes: list[str] = field(default_factory=list)  # what was ignored and why, for the log
+    # Messages that break a bound (core.quarantine holds them); the rest of the body is accepted.
+    rejected: list[RejectedMessage] = field(default_factory=list)
 
     @property
     def relevant(self) -> bool:

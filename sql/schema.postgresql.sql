@@ -426,5 +426,48 @@ CREATE INDEX IF NOT EXISTS ix_sessions_step_in_progress ON sessions (flow, curre
 
 UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
 
+-- Running upgrade 0008 -> 0009
+
+CREATE TABLE quarantine (
+    id BIGSERIAL NOT NULL, 
+    stage VARCHAR(16) NOT NULL, 
+    phone_number_id VARCHAR(64), 
+    user_id VARCHAR(128), 
+    wamid VARCHAR(256), 
+    event_id BIGINT, 
+    reason TEXT NOT NULL, 
+    payload TEXT, 
+    fingerprint VARCHAR(80) NOT NULL, 
+    seen INTEGER NOT NULL, 
+    status VARCHAR(16) NOT NULL, 
+    first_seen_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    last_seen_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    resolved_at TIMESTAMP WITH TIME ZONE, 
+    resolved_by VARCHAR(100), 
+    PRIMARY KEY (id), 
+    UNIQUE (fingerprint)
+);
+
+CREATE INDEX ix_quarantine_status_seen ON quarantine (status, last_seen_at);
+
+CREATE TABLE audit_log (
+    id BIGSERIAL NOT NULL, 
+    at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    actor VARCHAR(100) NOT NULL, 
+    action VARCHAR(50) NOT NULL, 
+    target TEXT NOT NULL, 
+    reason TEXT NOT NULL, 
+    details JSONB NOT NULL, 
+    PRIMARY KEY (id)
+);
+
+CREATE INDEX ix_audit_log_at ON audit_log (at);
+
+ALTER TABLE inbound_events ADD COLUMN apply_attempts INTEGER DEFAULT 0 NOT NULL;
+
+ALTER TABLE inbound_events ADD COLUMN apply_error TEXT;
+
+UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
+
 COMMIT;
 
