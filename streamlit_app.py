@@ -2,9 +2,13 @@
 
 import streamlit as st
 
+from dashboard import data
 from dashboard.login import account_sidebar, require_login
 
 st.set_page_config(page_title="waflow", page_icon=":material/chat:", layout="wide")
+if problem := data.startup_problem():  # bad settings or no database: a message, not an exception box
+    st.error(problem)
+    st.stop()
 
 user = require_login()  # an unauthenticated visitor sees only the login form: this stops the script
 account_sidebar(user)
@@ -18,5 +22,6 @@ st.navigation(
         st.Page("dashboard/pages/stalled.py", title="Stalled users", icon=":material/hourglass_empty:"),
         st.Page("dashboard/pages/campaigns.py", title="Campaigns", icon=":material/campaign:"),
         st.Page("dashboard/pages/health.py", title="Health", icon=":material/monitor_heart:"),
+        st.Page("dashboard/pages/operations.py", title="Operations", icon=":material/build:"),
     ]
 ).run()

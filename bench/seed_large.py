@@ -7,9 +7,18 @@ Creates (drops first) a dedicated database, migrates it, and fills it with INSER
 generate_series (no row leaves the server): sessions of both shipped flows on two business numbers,
 spread over `--days` days before now, ten transitions each (some reprompts at the first step, then
 advances as deep as each session got), inbound events for the last 14 days, a week of per-minute
-webhook stats, outbox rows with some failures, two campaigns with follow-ups; then builds the funnel
-rollup. Prints the DATABASE_URL to give bench/dashboard.py. Measured on the 2-core machine, otherwise idle:
-182 s in all (about 2 min of loading and index builds, 57 s for the first build of the funnel rollup).
+webhook stats, outbox rows with some failures, two campaigns with follow-ups (each queued one with its outbox
+message and delivery status); then builds the funnel rollup.
+
+Sessions are archived as the archive job (jobs/archive.py) leaves production: every session whose last
+message is more than 24 h old is archived (`archived_from` completed if it finished its path, else active:
+idle in its step; `archived_at` 24 h to 24 h 5 min after that message), the others stay active or
+completed. Over 90 days that is about 99 % of them. The follow-ups cover every session stalled in a
+campaign's step past its delay, archived ones included (archived means idle, not gone: core.lifecycle).
+
+Prints the DATABASE_URL to give bench/dashboard.py. Measured on the 2-core machine, shared with other work:
+233 s in all at load average about 1.3 (2.5 min of loading and index builds, 65 s for the first build of the
+funnel rollup), 363 s at load average 4 to 5 (2026-11-30).
 """
 
 from __future__ import annotations
@@ -52,24 +61,26 @@ SESSION_FACTS = f"""
 DEPTH = f"LEAST(plen, 1 + ({h('i', 17)} % 100 < 70)::int + ({h('i', 19)} % 100 < 65)::int " \
         f"+ ({h('i', 23)} % 100 < 75)::int + ({h('i', 29)} % 100 < 80)::int)"
 
+# Archived as the archive job (jobs/archive.py) leaves real traffic: a session whose last message is more than
+# 24 h old is archived, from "completed" if it finished its path, else from "active" (idle in its step), by the
+# run after the cutoff (every 5 minutes); the recent ones stay active or completed. With 90 days of traffic
+# that is about 99 % archived.
 SESSIONS = f"""
-WITH s AS (SELECT *, {DEPTH} AS depth FROM ({SESSION_FACTS}) f)
+WITH s AS (SELECT *, {DEPTH} AS depth, started_at + gap * interval '9 seconds' AS last_at FROM ({SESSION_FACTS}) f),
+a AS (SELECT *, last_at < now() - interval '24 hours' AS archived FROM s)
 INSERT INTO sessions (phone_number_id, user_id, flow, flow_version, current_step, data, version, failure_count,
                       language, status, opted_out, created_at, updated_at, last_inbound_at, step_entered_at,
                       last_transition_at, completed_at, archived_at, archived_from)
 SELECT phone, user_id, flow, 1, path[depth], '{{}}'::jsonb, {TRANSITIONS_PER_SESSION}, 0, language,
-       CASE WHEN depth = plen AND started_at > now() - interval '20 days' THEN 'completed'
-            WHEN started_at < now() - interval '20 days' THEN 'archived' ELSE 'active' END,
+       CASE WHEN archived THEN 'archived' WHEN depth = plen THEN 'completed' ELSE 'active' END,
        i % 97 = 0,
-       started_at, started_at + gap * interval '9 seconds',
-       started_at + gap * interval '9 seconds',
-       CASE WHEN depth > 1 THEN started_at + gap * interval '9 seconds' ELSE started_at END,
-       started_at + gap * interval '9 seconds',
-       CASE WHEN depth = plen THEN started_at + gap * interval '9 seconds' END,
-       CASE WHEN started_at < now() - interval '20 days' THEN started_at + interval '1 day' END,
-       CASE WHEN started_at < now() - interval '20 days' THEN
-            CASE WHEN depth = plen THEN 'completed' ELSE 'active' END END
-FROM s
+       started_at, last_at, last_at,
+       CASE WHEN depth > 1 THEN last_at ELSE started_at END,
+       last_at,
+       CASE WHEN depth = plen THEN last_at END,
+       CASE WHEN archived THEN last_at + interval '24 hours' + ({h("i", 47)} % 300) * interval '1 second' END,
+       CASE WHEN archived THEN CASE WHEN depth = plen THEN 'completed' ELSE 'active' END END
+FROM a
 """
 
 # Transition k (1..10) of a session with r = 10 - depth reprompts: k=1 starts at path[1], k=2..r+1 are
@@ -132,12 +143,40 @@ VALUES ('email-nudge', 'lead_qualification', 'ask_email', 7200, 'Still there?', 
         now(), now())
 """
 
+# Every session stalled in a campaign's step for more than its delay got its follow-up, archived ones included
+# (archived means idle, not gone: core.lifecycle), as if both campaigns had run all along.
 FOLLOWUPS = """
 INSERT INTO followups (campaign_id, phone_number_id, user_id, attempt, step, status, created_at, stalled_since)
 SELECT c.id, s.phone_number_id, s.user_id, 1, s.current_step, 'queued', s.last_inbound_at + interval '2 hours',
        s.last_inbound_at
 FROM sessions s JOIN campaigns c ON c.flow = s.flow AND c.step = s.current_step
-WHERE s.status = 'active' AND s.last_inbound_at < now() - interval '2 hours'
+WHERE (s.status = 'active' OR (s.status = 'archived' AND s.archived_from = 'active'))
+  AND s.last_inbound_at < now() - interval '2 hours'
+"""
+
+# What the follow-up job and the sender leave: each queued follow-up's outbox message (2 % failed, the rest sent)
+# and its delivery status (sent, delivered or read), as campaign results and failures read them.
+FOLLOWUP_OUTBOX = f"""
+INSERT INTO outbox (idempotency_key, phone_number_id, user_id, kind, body, text, campaign_id, step, status, wamid,
+                    attempts, next_attempt_at, error_code, created_at, sent_at)
+SELECT 'followup:' || f.campaign_id || ':' || f.phone_number_id || ':' || f.user_id || ':' || f.attempt,
+       f.phone_number_id, f.user_id, 'text', '{{}}'::jsonb, c.text, f.campaign_id, f.step,
+       CASE WHEN {h('f.id', 53)} % 100 < 2 THEN 'failed' ELSE 'sent' END, 'fu.' || f.id, 1, f.created_at,
+       CASE WHEN {h('f.id', 53)} % 100 < 2 THEN 131026 END, f.created_at, f.created_at + interval '300 milliseconds'
+FROM followups f JOIN campaigns c ON c.id = f.campaign_id
+WHERE f.status = 'queued'
+"""
+FOLLOWUP_LINKS = """
+UPDATE followups f SET outbox_id = o.id
+FROM outbox o
+WHERE o.campaign_id = f.campaign_id AND o.phone_number_id = f.phone_number_id AND o.user_id = f.user_id
+"""
+FOLLOWUP_STATUSES = f"""
+INSERT INTO message_status (wamid, phone_number_id, recipient_id, status, rank, status_at, updated_at)
+SELECT wamid, phone_number_id, user_id, (ARRAY['sent', 'delivered', 'read'])[rank], rank,
+       sent_at + rank * interval '1 minute', sent_at + rank * interval '1 minute'
+FROM (SELECT o.*, CASE WHEN {h('o.id', 59)} % 100 < 35 THEN 3 WHEN {h('o.id', 59)} % 100 < 85 THEN 2 ELSE 1 END AS rank
+      FROM outbox o WHERE o.campaign_id IS NOT NULL AND o.status = 'sent') o
 """
 
 
@@ -199,13 +238,17 @@ def fill(conn: Connection, sessions: int, days: int, parts: int) -> None:
     with timed("campaigns + follow-ups"):
         conn.execute(text(CAMPAIGNS))
         conn.execute(text(FOLLOWUPS))
+        conn.execute(text(FOLLOWUP_OUTBOX))
+        conn.execute(text(FOLLOWUP_LINKS))
+        conn.execute(text(FOLLOWUP_STATUSES))
 
 
 def vacuum_until_visible(db: Database, table: str, attempts: int = 5) -> None:
     """VACUUM ANALYZE until the table's pages are marked all-visible, as the dashboard's index-only scans need.
 
     A VACUUM run while some other transaction still holds an older snapshot cannot mark the pages just
-    written (seen once right after the rollup's first build: funnels then read the table, twice as slow).
+    written (seen once right after the rollup's first build: funnels then read the table, twice as slow;
+    seen for sessions after the database-wide VACUUM).
     """
     for _ in range(attempts):
         with db.engine.connect() as conn:
@@ -237,8 +280,12 @@ def main() -> None:
         conn.execution_options(isolation_level="AUTOCOMMIT").execute(text("VACUUM ANALYZE"))
     with timed("funnel rollup (first build)"):
         refresh_rollups(db)
-    with timed("VACUUM ANALYZE rollup"):
-        vacuum_until_visible(db, "analytics_step_reach")
+    with timed("VACUUM until all-visible"):
+        # The rollup, and the tables the in-progress indexes cover: the database-wide VACUUM above has been
+        # seen to leave sessions and followups without a single all-visible page (stalled counts and the
+        # state distribution then read the table instead of ix_sessions_in_progress alone).
+        for table in ("analytics_step_reach", "sessions", "followups"):
+            vacuum_until_visible(db, table)
     with db.engine.connect() as conn:
         counts = {t: conn.scalar(text(f"SELECT count(*) FROM {t}")) for t in ("sessions", "transitions")}
     db.dispose()

@@ -290,9 +290,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(url: str, port: int, workers: int, apply_threads: int, log_path: Path) -> subprocess.Popen[bytes]:
+def start_server(url: str, port: int, workers: int, apply_threads: int, log_path: Path,
+                 reorder_wait_ms: float = 0.0) -> subprocess.Popen[bytes]:
     env = dict(os.environ, DATABASE_URL=url, WHATSAPP_APP_SECRET=SECRET, WHATSAPP_VERIFY_TOKEN="bench",
-               ADMIN_TOKEN="bench-admin", PENDING_SWEEP_INTERVAL_SECONDS="2", APPLY_THREADS=str(apply_threads))
+               ADMIN_TOKEN="bench-admin", PENDING_SWEEP_INTERVAL_SECONDS="2", APPLY_THREADS=str(apply_threads),
+               APPLY_REORDER_WAIT_MS=str(reorder_wait_ms))
     args = [sys.executable, "-m", "core", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if workers > 1:
         args += ["--workers", str(workers)]
@@ -368,6 +370,9 @@ def main() -> None:  # noqa: C901 - a linear script: phases one after the other
     parser.add_argument("--max-requests", type=int, default=20000, help="request cap of each max phase")
     parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the server")
     parser.add_argument("--apply-threads", type=int, default=1, help="APPLY_THREADS of each server process")
+    parser.add_argument("--reorder-wait-ms", type=float, default=0.0,
+                        help="APPLY_REORDER_WAIT_MS of the server (product default 200: every message then waits that "
+                             "long before it is applied, which received->applied latency includes by design)")
     parser.add_argument("--connections", type=int, default=16, help="keep-alive connections of the generator")
     parser.add_argument("--load-processes", type=int, default=2)
     parser.add_argument("--users", type=int, default=2000)
@@ -388,8 +393,9 @@ def main() -> None:  # noqa: C901 - a linear script: phases one after the other
     threads = max(1, args.connections // args.load_processes)
     rng = random.Random(args.seed)
     try:
-        server = start_server(url, port, args.workers, args.apply_threads, log_path)
-        print(f"server: python -m core serve --workers {args.workers} (APPLY_THREADS={args.apply_threads}) on "
+        server = start_server(url, port, args.workers, args.apply_threads, log_path, args.reorder_wait_ms)
+        print(f"server: python -m core serve --workers {args.workers} (APPLY_THREADS={args.apply_threads}, "
+              f"APPLY_REORDER_WAIT_MS={args.reorder_wait_ms:g}) on "
               f"127.0.0.1:{port}, database {name}; "
               f"load: {args.load_processes} processes x {threads} keep-alive connections; cpus: {os.cpu_count()}")
 

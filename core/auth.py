@@ -3,6 +3,10 @@
 DASHBOARD_USERS="alice:admin:pbkdf2_sha256$600000$<salt hex>$<hash hex>,bob:viewer:pbkdf2_sha256$..."
 Produce a hash with `python -m core hash-password`. There is no default password: only DEMO_MODE=true adds
 demo/demo (admin), and the login page says so.
+
+Guessing is slowed twice over: `LoginThrottle` makes every user name and every client wait, longer and longer,
+after a few failed sign-ins, and a user name that does not exist costs the same PBKDF2 work as a wrong password
+(so neither the answer nor its timing tells which names exist).
 """
 
 from __future__ import annotations
@@ -10,8 +14,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-from collections.abc import Mapping
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 from core.config import Settings
@@ -22,8 +30,6 @@ DEFAULT_ITERATIONS = 600_000
 ROLES = ("admin", "viewer")
 DEMO_USER = "demo"
 DEMO_PASSWORD = "demo"
-# Compared against when the user name is unknown, so a wrong name costs as much time as a wrong password.
-_DUMMY_HASH = f"{ALGORITHM}$1000${'00' * 16}${'00' * 32}"
 
 
 class CredentialsError(WaflowError):
@@ -111,9 +117,101 @@ def load_users(settings: Settings, secrets_map: Mapping[str, Any] | None = None)
 
 
 def authenticate(users: Mapping[str, User], name: str, password: str) -> User | None:
+    # An unknown name is checked against a dummy hash as costly as the costliest real one (worked out for every
+    # name alike): it takes as long as a wrong password.
+    dummy = _dummy_hash(_max_iterations(users))
     user = users.get(name.strip())
-    ok = verify_password(password, user.password_hash if user else _DUMMY_HASH)
+    ok = verify_password(password, user.password_hash if user else dummy)
     return user if ok and user is not None else None
+
+
+def _max_iterations(users: Mapping[str, User]) -> int:
+    return max((_parse_hash(u.password_hash)[0] for u in users.values()), default=DEFAULT_ITERATIONS)
+
+
+@lru_cache(maxsize=8)
+def _dummy_hash(iterations: int) -> str:
+    return f"{ALGORITHM}${iterations}${'00' * 16}${'00' * 32}"
+
+
+# ------------------------------------------------------------------------------------------- throttling
+@dataclass
+class _Failures:
+    count: int
+    last: float
+
+
+class LoginThrottle:
+    """Failed sign-ins per key (a user name, a client address), kept in process memory for every session.
+
+    The first `free` failures of a key cost nothing; each one after makes the key wait before its next attempt:
+    `base` seconds, doubling, at most `cap`. A key silent for `forget_after` seconds starts over; a success
+    clears its user name (not its client: one valid account must not buy unlimited guesses at the others).
+    At most `max_keys` keys are kept, the least recently failed ones dropped first, so a flood of made-up names
+    cannot exhaust memory. Thread-safe: Streamlit runs each session's script on a thread of its own.
+    """
+
+    def __init__(self, *, free: int = 3, base: float = 1.0, cap: float = 60.0, forget_after: float = 900.0,
+                 max_keys: int = 10_000, clock: Callable[[], float] = time.monotonic) -> None:
+        self.free, self.base, self.cap, self.forget_after, self.max_keys = free, base, cap, forget_after, max_keys
+        self.clock = clock
+        self._failures: OrderedDict[str, _Failures] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def delay(self, count: int) -> float:
+        """How long a key with `count` failures waits after its last one."""
+        return 0.0 if count < self.free else min(self.cap, self.base * 2 ** min(count - self.free, 32))
+
+    def wait(self, keys: Iterable[str]) -> float:
+        """Seconds before any of `keys` may try again (0: now)."""
+        now = self.clock()
+        with self._lock:
+            waits = [self._remaining(self._failures.get(key), now) for key in keys]
+        return max(waits, default=0.0)
+
+    def failed(self, keys: Iterable[str]) -> None:
+        now = self.clock()
+        with self._lock:
+            for key in keys:
+                entry = self._failures.pop(key, None)
+                if entry is None or now - entry.last > self.forget_after:
+                    entry = _Failures(0, now)
+                self._failures[key] = _Failures(entry.count + 1, now)  # re-inserted: now the most recent
+            while len(self._failures) > self.max_keys:
+                self._failures.popitem(last=False)
+
+    def succeeded(self, user_key: str) -> None:
+        with self._lock:
+            self._failures.pop(user_key, None)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._failures.clear()
+
+    def __len__(self) -> int:
+        """How many keys are remembered."""
+        return len(self._failures)
+
+    def _remaining(self, entry: _Failures | None, now: float) -> float:
+        if entry is None or now - entry.last > self.forget_after:
+            return 0.0
+        return max(0.0, entry.last + self.delay(entry.count) - now)
+
+
+# One per process: every dashboard session (and every rerun) of this server counts against the same keys.
+LOGIN_THROTTLE = LoginThrottle()
+
+
+def user_key(name: str) -> str:
+    # Case-folded: "Alice" and "alice " must not be separate budgets for guessing alice's password.
+    return "user:" + name.strip().casefold()
+
+
+def client_key(forwarded_for: str | None, remote_ip: str | None) -> str:
+    """The client a sign-in comes from. Behind the proxy the README asks for, the last X-Forwarded-For entry is
+    the address that proxy saw (a client can prepend entries, not append them); without one, the socket's peer."""
+    forwarded = [part.strip() for part in (forwarded_for or "").split(",") if part.strip()]
+    return "client:" + (forwarded[-1] if forwarded else remote_ip or "local")
 
 
 def mask_number(value: str | None) -> str:

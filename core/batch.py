@@ -1,8 +1,15 @@
 """One user's batch: lock the session, apply its pending messages in order through the flow, write it all.
 
 `UserBatch` is the transaction the engine runs per user on SQLAlchemy Core (SQLite, and PostgreSQL's
-sweeper and number-change paths); `core.pipelined` runs the same batch on PostgreSQL in two round trips.
+number-change and failure paths); `core.pipelined` runs the same batch on PostgreSQL in two round trips.
 A crash anywhere leaves each message either fully applied or still pending for `process_pending`.
+
+A message the flow cannot take (deciding it raised: a step renamed in a replaced flow file, a bug) is a
+failure of that message, not of the batch: the messages before it are written, its failure is counted
+(`inbound_events.apply_attempts`) in the same transaction and the batch stops there, so the user's later
+messages keep waiting behind it in order. At its `APPLY_MAX_ATTEMPTS`-th failure it is quarantined instead
+(core.quarantine) and the batch goes on. Failures the database raises while writing are the engine's to
+isolate (core.engine): they roll back the whole transaction.
 """
 
 from __future__ import annotations
@@ -15,13 +22,14 @@ from typing import TYPE_CHECKING, Any, cast
 
 from sqlalchemy import Connection, Integer, Table, bindparam, delete, insert, select, update
 
-from core import metrics
+from core import logsafe, metrics
 from core.db import insert_for
-from core.errors import UnknownFlowError
+from core.errors import UnknownFlowError, WaflowError
 from core.flows import Flow
 from core.machine import Decision, Reply, SessionState, decide
 from core.messages import FLOW_KINDS, InboundMessage
 from core.models import ChatSession, InboundEvent, Outbox, Transition
+from core.quarantine import quarantine_event
 
 if TYPE_CHECKING:
     from core.engine import Engine
@@ -37,6 +45,27 @@ class ApplyResult:
     transitions: int = 0
     skipped_locked: bool = False
     more_pending: bool = False
+    # Messages that failed to apply: counted and left pending (the batch stopped at the first one, its user's
+    # later messages wait for the next try), or quarantined (the user's later messages went on).
+    failed: int = 0
+    quarantined: int = 0
+
+    def __add__(self, later: ApplyResult) -> ApplyResult:
+        """Two consecutive batches of one user: counts add up, the state is the later one's."""
+        return ApplyResult(
+            self.applied + later.applied, self.transitions + later.transitions, later.skipped_locked,
+            later.more_pending, self.failed + later.failed, self.quarantined + later.quarantined,
+        )
+
+
+class WriteRefusedError(WaflowError):
+    """The database refused what a batch wrote (a data or integrity error: SQLSTATE classes 22 and 23) and
+    rolled the whole transaction back. `event_ids`: the messages that batch tried to apply."""
+
+    def __init__(self, reason: str, event_ids: list[int] | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.event_ids = event_ids or []
 
 
 def ts_to_datetime(timestamp: int) -> datetime:
@@ -72,7 +101,7 @@ class Statements:
             .label("context_step")
         )
         pending = (
-            select(EVENTS.c.id, EVENTS.c.message, context_step)
+            select(EVENTS.c.id, EVENTS.c.message, context_step, EVENTS.c.apply_attempts)
             .where(
                 EVENTS.c.phone_number_id == bindparam("k_phone"),
                 EVENTS.c.user_id == bindparam("k_user"),
@@ -113,6 +142,29 @@ class Pending:
     message: InboundMessage
     # The step of the prompt the user replied to (context.id → our outbox row), read with the message.
     context_step: str | None = None
+    # Failed applies so far (read under the session's lock, so no other applier counts meanwhile).
+    attempts: int = 0
+
+
+def record_failure(conn: Connection, event_id: int, reason: str, max_attempts: int, now: datetime) -> str | None:
+    """Count one failed apply of a pending message, under its user's lock; at `max_attempts` quarantine it.
+    Returns "failed" (it gets another try), "quarantined", or None when it is no longer pending."""
+    counted = conn.execute(
+        update(EVENTS)
+        .where(EVENTS.c.id == event_id, EVENTS.c.processed_at.is_(None))
+        .values(apply_attempts=EVENTS.c.apply_attempts + 1, apply_error=reason[:2000])
+        .returning(EVENTS.c.id, EVENTS.c.phone_number_id, EVENTS.c.user_id, EVENTS.c.wamid, EVENTS.c.apply_attempts)
+    ).first()
+    if counted is None:
+        return None
+    if counted.apply_attempts < max_attempts:
+        return "failed"
+    quarantine_event(conn, counted, reason, now)
+    return "quarantined"
+
+
+def failure_reason(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 class UserBatch:
@@ -121,20 +173,22 @@ class UserBatch:
     The decisions live here; subclasses do the I/O: `_load` (lock the session, read what is pending),
     `_move_to` (a number change) and `_write`."""
 
-    def __init__(self, engine: Engine, key: SessionKey, now: datetime) -> None:
+    def __init__(self, engine: Engine, key: SessionKey, now: datetime, *, limit: int | None = None) -> None:
         self.engine = engine
         self.key = key
         self.now = now
+        # Messages per batch; the engine takes one at a time to find the message a database error is about.
+        self.limit = limit or engine.settings.apply_batch_limit
         self.session: dict[str, Any] = {}
         self.transitions: list[dict[str, Any]] = []
         self.outbox: list[dict[str, Any]] = []
         self.results: dict[str, list[int]] = {}
+        self.failures: list[tuple[Pending, str]] = []  # messages the flow could not take, with the error
+        self.quarantined = 0
+        self.stopped_at_failure = False
+        self.tried: list[int] = []  # ids of the messages this batch set out to apply
         self.original_version = 0  # the session's version when the batch read it (or last wrote it)
         self.written_transitions = 0  # written before the end of the batch (a number change flushes)
-
-    @property
-    def limit(self) -> int:
-        return self.engine.settings.apply_batch_limit
 
     def run(self, *, skip_locked: bool) -> ApplyResult:
         return self.finish(self._load(self.limit + 1, skip_locked=skip_locked))
@@ -149,17 +203,22 @@ class UserBatch:
             return ApplyResult()
         more = len(pending) > limit
         pending = pending[:limit]
+        self.tried = [item.id for item in pending]
         self.session = row
         self.original_version = self.session["version"]
         for item in pending:
+            # A number change: later messages wait for the next batch. A failure with tries left: they wait
+            # behind it, in order, for its next try.
             if self._apply_one(item):
-                break  # the session moved to a new number; later messages wait for the next batch
+                break
         self._write(self.original_version)
         applied = sum(len(ids) for ids in self.results.values())
         for result, ids in self.results.items():
             metrics.MESSAGES_APPLIED.labels(result).inc(len(ids))
         transitions = self.written_transitions + len(self.transitions)
-        return ApplyResult(applied=applied, transitions=transitions, more_pending=more)
+        stopped = self.stopped_at_failure
+        return ApplyResult(applied=applied, transitions=transitions, more_pending=more and not stopped,
+                           failed=int(stopped), quarantined=self.quarantined)
 
     def _load(self, limit: int, *, skip_locked: bool) -> tuple[dict[str, Any] | None, list[Pending]] | None:
         """The locked session row and up to `limit` pending messages; None when the row is locked and
@@ -231,6 +290,7 @@ class UserBatch:
 
     # -- decide ----------------------------------------------------------------------------------
     def _apply_one(self, item: Pending) -> bool:
+        """Apply one message; True when the batch stops after it."""
         message = item.message
         if message.kind == "system" and message.new_user_id:
             self._mark(item.id, self._move_to(message.new_user_id))
@@ -238,13 +298,32 @@ class UserBatch:
         if message.kind not in FLOW_KINDS:
             self._mark(item.id, "ignored")  # reactions, unsupported, other system messages: stored, no transition
             return False
-        flow = self._flow()
-        state = None if self.session["status"] == "new" else self._state()
-        language = self.engine.settings.language_for(message.user_id) if state is None else None
-        decision = decide(flow, state, message, context_step=item.context_step, language=language)
-        self._record(flow, message, decision)
-        self._mark(item.id, "applied")
+        session, transitions, outbox = dict(self.session), len(self.transitions), len(self.outbox)
+        try:
+            flow = self._flow()
+            state = None if self.session["status"] == "new" else self._state()
+            language = self.engine.settings.language_for(message.user_id) if state is None else None
+            decision = decide(flow, state, message, context_step=item.context_step, language=language)
+            self._record(flow, message, decision)
+        except Exception as e:
+            # No I/O above (the database is not in a failed state): whatever broke is this message's to carry.
+            # What it had changed is undone, so the messages before it are written as they were decided.
+            self.session = session
+            del self.transitions[transitions:], self.outbox[outbox:]
+            return self._failed(item, e)
+        self._mark(item.id, "late" if decision.late else "applied")
         return False
+
+    def _failed(self, item: Pending, error: Exception) -> bool:
+        """Note a message the flow could not take. True (stop the batch) while it has tries left."""
+        quarantine = item.attempts + 1 >= self.engine.settings.apply_max_attempts
+        log.warning("message %s of %s failed to apply (try %d of %d%s): %s", logsafe.clean(item.message.wamid),
+                    logsafe.key(self.key), item.attempts + 1, self.engine.settings.apply_max_attempts,
+                    ", quarantined" if quarantine else "", logsafe.clean(failure_reason(error)), exc_info=error)
+        self.failures.append((item, failure_reason(error)))
+        self.quarantined += quarantine
+        self.stopped_at_failure = not quarantine
+        return self.stopped_at_failure
 
     def _flow(self) -> Flow:
         s = self.session
@@ -257,35 +336,39 @@ class UserBatch:
         try:
             return registry.get(s["flow"], s["flow_version"])
         except UnknownFlowError:
-            log.warning("flow %s v%s is gone; %s continues on the latest", s["flow"], s["flow_version"], self.key)
+            log.warning("flow %s v%s is gone; %s continues on the latest", s["flow"], s["flow_version"],
+                        logsafe.key(self.key))
             latest = registry.latest(s["flow"])
             s["flow_version"] = latest.version
             return latest
 
     def _state(self) -> SessionState:
         s = self.session
+        last = s.get("last_inbound_at")
         return SessionState(
             step=s["current_step"],
             data=dict(s["data"] or {}),
             failure_count=s["failure_count"],
             language=s["language"],
             status=s["status"],
+            last_message_at=int(last.timestamp()) if last else None,
         )
 
     def _record(self, flow: Flow, message: InboundMessage, decision: Decision) -> None:
         s = self.session
         at = ts_to_datetime(message.timestamp)
-        previous_at = s.get("last_transition_at")
-        elapsed = max(0.0, (at - previous_at).total_seconds()) if previous_at else None
-        if decision.to_step != s["current_step"] or decision.outcome in ("started", "reset", "restored"):
-            s["step_entered_at"] = at
-        if decision.outcome == "restored" or s["status"] == "archived":
-            s["archived_at"] = None
-            s["archived_from"] = None
-        if decision.status == "completed" and s["status"] != "completed":
-            s["completed_at"] = at
-        elif decision.status == "active":
-            s["completed_at"] = None
+        if decision.late:
+            # Logged at the session's latest time, not its own: the log and the session never run backwards
+            # (the message keeps its own timestamp in inbound_events), and no time between steps is measured.
+            logged_at, elapsed = max(at, s.get("last_transition_at") or at), None
+        else:
+            previous_at = s.get("last_transition_at")
+            logged_at, elapsed = at, max(0.0, (at - previous_at).total_seconds()) if previous_at else None
+            self._move_time(message, decision, at)
+        if decision.opted_out is not None:
+            if not (decision.late and s["opted_out"]):  # a late STOP keeps the time of an earlier one
+                s["opted_out_at"] = at if decision.opted_out else None
+            s["opted_out"] = decision.opted_out
         s.update(
             current_step=decision.to_step,
             data=decision.data,
@@ -293,16 +376,8 @@ class UserBatch:
             language=decision.language,
             status=decision.status,
             version=s["version"] + 1,
-            last_transition_at=at,
-            last_inbound_at=max(s["last_inbound_at"], at) if s.get("last_inbound_at") else at,
-            window_closed_at=None,
             updated_at=self.now,
         )
-        if message.profile_name:
-            s["profile_name"] = message.profile_name
-        if decision.opted_out is not None:
-            s["opted_out"] = decision.opted_out
-            s["opted_out_at"] = at if decision.opted_out else None
         self.transitions.append(
             {
                 "phone_number_id": s["phone_number_id"],
@@ -313,7 +388,7 @@ class UserBatch:
                 "to_step": decision.to_step,
                 "outcome": decision.outcome,
                 "wamid": message.wamid,
-                "at": at,
+                "at": logged_at,
                 "applied_at": self.now,
                 "elapsed_seconds": elapsed,
                 "session_version": s["version"],
@@ -323,6 +398,24 @@ class UserBatch:
         )
         for index, reply in enumerate(decision.replies):
             self.outbox.append(self._outbox_row(message, reply, index))
+
+    def _move_time(self, message: InboundMessage, decision: Decision, at: datetime) -> None:
+        """The session's times (and what goes with the user's newest message), before `decision` is taken in."""
+        s = self.session
+        if decision.to_step != s["current_step"] or decision.outcome in ("started", "reset", "restored"):
+            s["step_entered_at"] = at
+        if decision.outcome == "restored" or s["status"] == "archived":
+            s["archived_at"] = None
+            s["archived_from"] = None
+        if decision.status == "completed" and s["status"] != "completed":
+            s["completed_at"] = at
+        elif decision.status == "active":
+            s["completed_at"] = None
+        s["last_transition_at"] = at
+        s["last_inbound_at"] = max(s["last_inbound_at"], at) if s.get("last_inbound_at") else at
+        s["window_closed_at"] = None
+        if message.profile_name:
+            s["profile_name"] = message.profile_name
 
     def _outbox_row(self, message: InboundMessage, reply: Reply, index: int) -> dict[str, Any]:
         return {
@@ -348,8 +441,10 @@ class UserBatch:
 class CoreBatch(UserBatch):
     """The batch on a SQLAlchemy Core connection, one statement at a time."""
 
-    def __init__(self, engine: Engine, conn: Connection, key: SessionKey, now: datetime) -> None:
-        super().__init__(engine, key, now)
+    def __init__(
+        self, engine: Engine, conn: Connection, key: SessionKey, now: datetime, *, limit: int | None = None
+    ) -> None:
+        super().__init__(engine, key, now, limit=limit)
         self.conn = conn
         self.sql = statements(conn.dialect.name)
 
@@ -375,7 +470,8 @@ class CoreBatch(UserBatch):
     def _pending(self, limit: int, *, claim: bool) -> list[Pending]:
         statement = self.sql.claim_pending if claim else self.sql.pending
         rows = self.conn.execute(statement, {**self._params(), "k_limit": limit})
-        return [Pending(r.id, InboundMessage.model_validate(r.message), r.context_step) for r in rows]
+        return [Pending(r.id, InboundMessage.model_validate(r.message), r.context_step, r.apply_attempts)
+                for r in rows]
 
     # -- user_changed_number -----------------------------------------------------------------------
     def _move_to(self, new_user_id: str) -> str:
@@ -386,7 +482,8 @@ class CoreBatch(UserBatch):
             select(ChatSession.user_id).where(ChatSession.phone_number_id == phone, ChatSession.user_id == new_user_id)
         )
         if taken is not None:
-            log.warning("user %s changed number to %s, which already has a session; not merged", old_user, new_user_id)
+            log.warning("user %s changed number to %s, which already has a session; not merged",
+                        logsafe.masked(old_user), logsafe.masked(new_user_id))
             return "ignored"
         self._flush()  # what this batch applied before the change is written, then moves with the rest
         for model in (ChatSession, Transition, Outbox):
@@ -412,6 +509,9 @@ class CoreBatch(UserBatch):
     def _write(self, original_version: int) -> None:
         for name, rows in self._writes(original_version):
             self.conn.execute(getattr(self.sql, name), _rows(rows))
+        max_attempts = self.engine.settings.apply_max_attempts
+        for item, reason in self.failures:
+            record_failure(self.conn, item.id, reason, max_attempts, self.now)
 
     def _flush(self) -> None:
         """Write everything decided so far; the processed marks are written again at the end, a no-op."""
@@ -420,6 +520,7 @@ class CoreBatch(UserBatch):
         self.written_transitions += len(self.transitions)
         self.transitions.clear()
         self.outbox.clear()
+        self.failures.clear()
 
 
 def _rows(rows: list[dict[str, Any]]) -> dict[str, Any] | list[dict[str, Any]]:

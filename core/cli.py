@@ -8,7 +8,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from core.errors import WaflowError
+from core.startup import explain, log_level
 
 # Each module exposes `register(subparsers)` for the commands listed with it. The map is explicit so a
 # command is one grep away, and only the module of the command being run is imported (pandas, uvicorn and
@@ -19,6 +19,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "core.commands.analytics": ("funnel", "export-stalled", "hash-password"),
     "core.commands.campaigns": ("campaigns", "sending"),
     "core.commands.simulate": ("simulate",),
+    "core.commands.operator": ("sessions", "outbound", "quarantine"),
 }
 
 
@@ -31,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `command`, only that command's module is imported (all of them for help or typos)."""
     parser = _Parser(prog="python -m core", description="waflow session engine")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=log_level)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     owners = [module for module, commands in COMMAND_MODULES.items() if command in commands]
     for name in owners or COMMAND_MODULES:
@@ -53,11 +54,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_word(argv))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         return int(args.handler(args) or 0)
-    except WaflowError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        # A bad setting, database URL or flow, an unreachable database: one line, no traceback. A bug keeps its.
+        line = explain(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
+        return 1

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import field_validator
+from pydantic import ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 DEFAULT_DATABASE_URL = "sqlite:///./data/waflow.db"
 DEFAULT_GRAPH_API_URL = "https://graph.facebook.com/v23.0"
+# Upper bounds of numeric settings: a duration beyond ten years is a typo, and would overflow datetime arithmetic.
+TEN_YEARS_SECONDS = 10 * 365 * 86400
+_DURATION_UNITS = {"_seconds": 1.0, "_hours": 3600.0, "_ms": 0.001}
+MAX_COUNT = 2**31 - 1  # what a database INTEGER and the C libraries below us take
 
 
 class Settings(BaseSettings):
@@ -36,6 +43,12 @@ class Settings(BaseSettings):
 
     # Engine
     apply_batch_limit: int = 100
+    # A message that fails to apply (a flow replaced without its old step, a bug, a value the database refuses) is
+    # tried this many times, then quarantined: it never holds the user's later messages longer than that.
+    apply_max_attempts: int = 3
+    # The webhook's apply thread waits this long after a user's first newly stored message, so a burst Meta
+    # delivers out of order is applied in WhatsApp timestamp order (0: apply at once). Not the sweeper.
+    apply_reorder_wait_ms: int = 200
     db_pool_size: int = 10
     db_max_overflow: int = 20
 
@@ -93,7 +106,26 @@ class Settings(BaseSettings):
         # Heroku-style URLs and plain "postgresql://" would select psycopg2, which we do not ship.
         for prefix in ("postgres://", "postgresql://"):
             if value.startswith(prefix):
-                return "postgresql+psycopg://" + value[len(prefix) :]
+                value = "postgresql+psycopg://" + value[len(prefix) :]
+        try:
+            make_url(value)
+        except (ArgumentError, ValueError):  # ValueError: a port that is not a number
+            # The value itself is not repeated: it may hold a password.
+            raise ValueError("not a database URL: use sqlite:///PATH or "
+                             "postgresql+psycopg://USER:PASSWORD@HOST:5432/DATABASE") from None
+        return value
+
+    @field_validator("*")
+    @classmethod
+    def _number_in_range(cls, value: Any, info: ValidationInfo) -> Any:
+        """No numeric setting is negative, infinite or absurdly large (durations: at most ten years)."""
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return value
+        name = info.field_name or ""
+        unit = next((seconds for suffix, seconds in _DURATION_UNITS.items() if name.endswith(suffix)), None)
+        high = TEN_YEARS_SECONDS / unit if unit else 65535 if name.endswith("_port") else MAX_COUNT
+        if not math.isfinite(value) or not 0 <= value <= high:
+            raise ValueError(f"must be a number from 0 to {high:,.0f}")
         return value
 
     @field_validator("graph_api_url")

@@ -4,6 +4,12 @@ ingest: one INSERT ... ON CONFLICT DO NOTHING per batch (unique (phone_number_id
 apply_pending: one transaction per user batch (core.batch): upsert + lock the session row, apply pending
 messages in (timestamp, arrival) order through the flow, write state, transitions, outbox and processed
 marks together; on PostgreSQL pipelined into two round trips (core.pipelined).
+
+Nothing one sender does holds back anyone else. A message the flow cannot take is counted in its batch and
+quarantined at its `APPLY_MAX_ATTEMPTS`-th failure (core.batch). A write the database refuses (a data error)
+rolls back the whole transaction, so the engine retries smaller: the joint transaction's users one by one,
+then the refused user's messages one per transaction until the one at fault is found and counted in a short
+transaction of its own. `process_pending` (the sweeper, crash recovery) reports what failed and goes on.
 """
 
 from __future__ import annotations
@@ -15,19 +21,20 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import func, select
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DataError, DBAPIError, IntegrityError, OperationalError
 
-from core import metrics
-from core.batch import ApplyResult, CoreBatch, SessionKey
+from core import logsafe, metrics
+from core.batch import SESSIONS, ApplyResult, CoreBatch, SessionKey, WriteRefusedError, record_failure
 from core.config import Settings, get_settings
 from core.db import Database, first_line, insert_for
-from core.errors import DatabaseUnavailableError
+from core.errors import DatabaseUnavailableError, WaflowError
 from core.flows import FlowRegistry, default_flows_dir, load_flows
 from core.messages import InboundMessage
 from core.models import InboundEvent
 from core.pipelined import apply_pipelined, apply_pipelined_together, deliver_pipelined, store_events
+from core.quarantine import held_counts
 
-__all__ = ["JOINT_USERS", "ApplyResult", "DeliverResult", "Engine", "IngestResult", "SessionKey"]
+__all__ = ["JOINT_USERS", "ApplyResult", "DeliverResult", "Engine", "IngestResult", "PendingReport", "SessionKey"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +54,22 @@ class DeliverResult:
     stored: int
     duplicates: int
     applied: int
+
+
+@dataclass
+class PendingReport:
+    """What `process_pending_report` did: messages applied, failed (counted; tried again next time), quarantined,
+    and users left pending after an error their apply raised (logged)."""
+
+    applied: int = 0
+    failed: int = 0
+    quarantined: int = 0
+    errors: int = 0
+
+    def add(self, result: ApplyResult) -> None:
+        self.applied += result.applied
+        self.failed += result.failed
+        self.quarantined += result.quarantined
 
 
 def _unique(messages: Sequence[InboundMessage]) -> dict[tuple[str, str], InboundMessage]:
@@ -127,7 +150,13 @@ class Engine:
             return DeliverResult(0, len(messages), 0)
         if self.pipelines:
             started = time.perf_counter()
-            done = deliver_pipelined(self, list(unique.values()), now)
+            try:
+                done = deliver_pipelined(self, list(unique.values()), now)
+            except WriteRefusedError as e:
+                # Nothing was stored: store, then apply user by user, so the message at fault is found and counted.
+                log.warning("delivery of %d messages refused (%s); storing, then applying user by user", len(unique),
+                            logsafe.clean(first_line(e)))
+                done = None
             if done is not None:
                 stored, results = done
                 duplicates = len(messages) - len(stored)
@@ -169,29 +198,93 @@ class Engine:
     def apply_pending(
         self, key: SessionKey, *, skip_locked: bool = False, now: datetime | None = None
     ) -> ApplyResult:
-        """Apply one user's pending messages (up to the batch limit) in one transaction."""
+        """Apply one user's pending messages (up to the batch limit) in one transaction; after a write the
+        database refused, one message per transaction until the one at fault is counted."""
         started = time.perf_counter()
         now = now or datetime.now(UTC)
         try:
-            result = None
-            if self.pipelines:
-                result = apply_pipelined(self, key, now, skip_locked=skip_locked)
-            if result is None:
-                with self.db.begin() as conn:
-                    result = CoreBatch(self, conn, key, now).run(skip_locked=skip_locked)
-        except (OperationalError, DBAPIError) as e:
-            raise DatabaseUnavailableError(f"cannot apply messages of {key}: {first_line(e)}") from e
+            result = self._apply_batch(key, now, skip_locked=skip_locked)
+        except WriteRefusedError as e:
+            if len(e.event_ids) == 1:
+                result = self._count_refused(key, e, now)
+            else:
+                log.warning("apply of %s refused (%s); applying its messages one at a time", logsafe.key(key),
+                            logsafe.clean(first_line(e)))
+                result = self._apply_singly(key, now, skip_locked=skip_locked)
         if result.applied:
             metrics.APPLY_LATENCY.observe(time.perf_counter() - started)
+        if result.failed or result.quarantined:
+            metrics.APPLY_FAILURES.labels("retried").inc(result.failed)
+            metrics.APPLY_FAILURES.labels("quarantined").inc(result.quarantined)
         return result
 
+    def _apply_batch(
+        self, key: SessionKey, now: datetime, *, skip_locked: bool, limit: int | None = None
+    ) -> ApplyResult:
+        try:
+            result = None
+            if self.pipelines:
+                result = apply_pipelined(self, key, now, skip_locked=skip_locked, limit=limit)
+            if result is None:
+                with self.db.begin() as conn:
+                    batch = CoreBatch(self, conn, key, now, limit=limit)
+                    try:
+                        result = batch.run(skip_locked=skip_locked)
+                    except (DataError, IntegrityError) as e:
+                        raise WriteRefusedError(f"cannot apply messages of {key}: {first_line(e)}", batch.tried) from e
+        except (OperationalError, DBAPIError) as e:
+            raise DatabaseUnavailableError(f"cannot apply messages of {key}: {first_line(e)}") from e
+        return result
+
+    def _apply_singly(self, key: SessionKey, now: datetime, *, skip_locked: bool) -> ApplyResult:
+        """One message per transaction, in order, until the database refuses one (counted on its own) or a
+        batch's worth went through: the messages before the one at fault are applied meanwhile."""
+        total = ApplyResult()
+        for _ in range(self.settings.apply_batch_limit):
+            try:
+                result = self._apply_batch(key, now, skip_locked=skip_locked, limit=1)
+            except WriteRefusedError as e:
+                return total + self._count_refused(key, e, now)
+            total += result
+            if result.skipped_locked or result.failed or not result.more_pending:
+                break
+        return total
+
+    def _count_refused(self, key: SessionKey, refused: WriteRefusedError, now: datetime) -> ApplyResult:
+        """Count the failure of the one message a refused single-message batch held, in a short transaction of
+        its own under the user's lock (the refused one rolled back); quarantine it at the last try."""
+        if len(refused.event_ids) != 1:
+            raise refused  # not a single message's fault: the caller reports it, the message stays pending
+        phone, user = key
+        try:
+            with self.db.begin() as conn:
+                conn.execute(
+                    select(SESSIONS.c.version)
+                    .where(SESSIONS.c.phone_number_id == phone, SESSIONS.c.user_id == user)
+                    .with_for_update()
+                )
+                counted = record_failure(conn, refused.event_ids[0], refused.reason,
+                                         self.settings.apply_max_attempts, now)
+        except (OperationalError, DBAPIError) as e:
+            raise DatabaseUnavailableError(f"cannot count a failed apply of {key}: {first_line(e)}") from e
+        log.warning("a message of %s was refused by the database (%s): %s", logsafe.key(key),
+                    counted or "no longer pending", logsafe.clean(refused.reason))
+        if counted == "quarantined":
+            return ApplyResult(quarantined=1, more_pending=True)  # the user's later messages go on
+        return ApplyResult(failed=1 if counted == "failed" else 0)
+
     def apply_all(self, key: SessionKey, *, skip_locked: bool = False) -> int:
-        """Apply every pending message of one user, batch after batch."""
-        total = 0
+        """Apply every pending message of one user, batch after batch; returns how many were applied."""
+        return self.apply_user(key, skip_locked=skip_locked).applied
+
+    def apply_user(self, key: SessionKey, *, skip_locked: bool = False) -> ApplyResult:
+        """`apply_all` with everything it did: it stops at a message that failed and has tries left (the
+        user's later messages wait behind it) or at a user locked by another applier."""
+        total = ApplyResult()
         while True:
             result = self.apply_pending(key, skip_locked=skip_locked)
-            total += result.applied
-            if not result.more_pending or result.skipped_locked:
+            total += result
+            if not result.more_pending or result.skipped_locked or result.failed:
                 return total
 
     def apply_together(self, keys: Sequence[SessionKey]) -> list[SessionKey]:
@@ -211,7 +304,8 @@ class Engine:
         try:
             results = apply_pipelined_together(self, keys, datetime.now(UTC))
         except Exception as e:
-            log.warning("joint apply of %d users failed (%s); applying them one by one", len(keys), e)
+            log.warning("joint apply of %d users failed (%s); applying them one by one", len(keys),
+                        logsafe.clean(first_line(e)))
             return 0, keys
         if results is None:
             return 0, keys
@@ -239,27 +333,58 @@ class Engine:
         metrics.MESSAGES_PENDING.set(count or 0)
         return int(count or 0)
 
+    def quarantine_count(self) -> dict[str, int]:
+        """Quarantined messages held, per stage (intake, apply); also sets the `/metrics` gauge."""
+        counts = held_counts(self.db)
+        for stage, held in counts.items():
+            metrics.QUARANTINE_HELD.labels(stage).set(held)
+        return counts
+
     def process_pending(self, *, older_than: timedelta | None = None, max_users: int | None = None) -> int:
-        """Apply everything left pending (crash recovery, the sweeper): users in groups of `JOINT_USERS` per
-        transaction where the database allows. Users being applied elsewhere are skipped."""
-        applied = 0
+        """Apply everything left pending (crash recovery, the sweeper); returns how many messages were applied.
+        See `process_pending_report`."""
+        return self.process_pending_report(older_than=older_than, max_users=max_users).applied
+
+    def process_pending_report(
+        self, *, older_than: timedelta | None = None, max_users: int | None = None
+    ) -> PendingReport:
+        """Apply everything left pending: users in groups of `JOINT_USERS` per transaction where the database
+        allows. Users being applied elsewhere are skipped. A user whose message failed (or whose apply raised)
+        is reported and left for the next run; the others go on."""
+        report = PendingReport()
+        done: set[SessionKey] = set()  # failed or raised in this run: tried again next run, not in a loop now
         seen = 0
         while True:
-            keys = self.pending_keys(older_than=older_than)
+            keys = [key for key in self.pending_keys(older_than=older_than) if key not in done]
             if not keys:
-                return applied
-            progress = 0
+                return report
+            before = report.applied + report.quarantined
             for start in range(0, len(keys), JOINT_USERS):
                 group = keys[start:start + JOINT_USERS]
                 if max_users is not None:
                     group = group[:max_users - seen]
-                done, rest = self._apply_jointly(group)
-                progress += done
-                # Skip-locked: a user held by another applier is skipped again here, and left to it.
-                progress += sum(self.apply_all(key, skip_locked=True) for key in rest)
+                self._sweep_group(group, report, done)
                 seen += len(group)
                 if max_users is not None and seen >= max_users:
-                    return applied + progress
-            applied += progress
-            if progress == 0:
-                return applied  # everything left is locked by another applier right now
+                    return report
+            if report.applied + report.quarantined == before:
+                return report  # everything left is locked by another applier right now, or failed
+
+    def _sweep_group(self, group: list[SessionKey], report: PendingReport, done: set[SessionKey]) -> None:
+        applied, rest = self._apply_jointly(group)
+        report.applied += applied
+        for key in rest:
+            try:
+                # Skip-locked: a user held by another applier is skipped again here, and left to it.
+                result = self.apply_user(key, skip_locked=True)
+            except Exception as e:
+                report.errors += 1
+                done.add(key)
+                if isinstance(e, WaflowError):
+                    log.warning("apply of %s failed, left pending: %s", logsafe.key(key), logsafe.clean(e))
+                else:
+                    log.exception("apply of %s failed, left pending", logsafe.key(key))
+                continue
+            report.add(result)
+            if result.failed:
+                done.add(key)

@@ -2,6 +2,12 @@
 
 `decide(flow, state, message)` returns the new state, the outcome for the transition log and the replies to
 queue. The engine owns storage, locking and sending; every flow rule here is a plain unit test.
+
+Late messages: a message older (WhatsApp timestamp, whole seconds) than the newest one already applied to the
+session was delivered late. Its moment has passed, so it is never taken as the answer to the current step: the
+outcome is "late", nothing changes and nothing is sent. Only an opt-out keyword still counts (a legal duty; when
+in doubt we stop messaging), as an opt-out that moves no time. A late opt-in does not: it could undo a STOP the
+user sent after it. The same second is not late: ties keep arrival order.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ class SessionState:
     failure_count: int = 0
     language: str = "en"
     status: str = "active"  # active | completed | archived
+    # WhatsApp time (Unix seconds) of the newest message applied to the session; an older one arrived late.
+    last_message_at: int | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +65,8 @@ class Decision:
     opted_out: bool | None = None
     # This message brought an archived session back (the outcome says what the message itself did).
     restored: bool = False
+    # Older than a message already applied: logged, but it moves no time (see the module docstring).
+    late: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,10 +87,14 @@ def decide(flow: Flow, state: SessionState | None, message: InboundMessage, *,
     if message.kind not in FLOW_KINDS:
         raise ValueError(f"message kind {message.kind!r} never moves a session")
     keyword = _keyword(message)
-    # Opt-out is honoured in every state, also before a session exists: it is a legal duty, not a flow step.
-    if keyword in flow.opt_out_keywords or keyword in flow.opt_in_keywords:
-        return _opt(flow, state or new_session(flow, language), opted_out=keyword in flow.opt_out_keywords,
-                    new=state is None)
+    late = is_late(state, message)
+    # Opt-out is honoured in every state, also before a session exists and when late: a legal duty, not a step.
+    if keyword in flow.opt_out_keywords or (keyword in flow.opt_in_keywords and not late):
+        opted = _opt(flow, state or new_session(flow, language), opted_out=keyword in flow.opt_out_keywords,
+                     new=state is None)
+        return replace(opted, late=late)
+    if late and state is not None:
+        return _late(state)
     if state is None and flow.first_message == "answer":
         return _decide_active(flow, new_session(flow, language), message, keyword, context_step)
     if state is None:
@@ -92,6 +106,11 @@ def decide(flow: Flow, state: SessionState | None, message: InboundMessage, *,
     if state.status != "active":
         raise ValueError(f"unknown session status {state.status!r}")
     return _decide_active(flow, state, message, keyword, context_step)
+
+
+def is_late(state: SessionState | None, message: InboundMessage) -> bool:
+    """Whether the message is older than one already applied to the session (the same second is not)."""
+    return state is not None and state.last_message_at is not None and message.timestamp < state.last_message_at
 
 
 def _decide_active(flow: Flow, state: SessionState, message: InboundMessage, keyword: str | None,
@@ -185,6 +204,13 @@ def _opt(flow: Flow, current: SessionState, *, opted_out: bool, new: bool) -> De
         outcome="opted_out" if opted_out else "opted_in", from_step=None if new else current.step,
         to_step=current.step, data=dict(current.data), failure_count=current.failure_count, status=current.status,
         language=current.language, replies=replies, opted_out=opted_out,
+    )
+
+
+def _late(state: SessionState) -> Decision:
+    return Decision(
+        outcome="late", from_step=state.step, to_step=state.step, data=dict(state.data),
+        failure_count=state.failure_count, status=state.status, language=state.language, replies=(), late=True,
     )
 
 

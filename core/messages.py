@@ -40,7 +40,11 @@ class Location(BaseModel):
 
 
 class InboundMessage(BaseModel):
-    """One user message, normalized. `raw` keeps the message object exactly as WhatsApp sent it."""
+    """One user message, normalized. `raw` keeps the message object exactly as WhatsApp sent it.
+
+    What may be stored is bounded by core.bounds (column widths, no NUL, numbers and timestamps in range), checked by
+    the parser at intake rather than here: this model also loads messages stored before a bound existed (apply,
+    replay), which must keep loading."""
 
     model_config = ConfigDict(frozen=True)
 

@@ -22,6 +22,16 @@ MESSAGES_APPLIED = Counter("waflow_messages_applied_total", "Inbound messages ap
 MESSAGES_PENDING = Gauge(
     "waflow_messages_pending", "Inbound messages stored but not yet applied", multiprocess_mode="mostrecent"
 )
+APPLY_FAILURES = Counter(
+    "waflow_apply_failures_total",
+    "Failed attempts to apply a stored message, by what followed (retried later, quarantined)",
+    ["result"],
+)
+# Held rows of the quarantine table (messages we could not take or could not apply), read from the database.
+QUARANTINE_HELD = Gauge(
+    "waflow_quarantine_held", "Quarantined messages held for an operator, by stage (intake, apply)", ["stage"],
+    multiprocess_mode="mostrecent",
+)
 APPLY_LATENCY = Histogram(
     "waflow_apply_seconds",
     "Time to apply one user's batch of pending messages (one transaction)",

@@ -437,6 +437,8 @@ Index("ix_transitions_moves", Transition.at, Transition.id,
 # the stalled list and count and the state distribution are index-only scans of the first index (by last
 # message, with what those pages show), campaign preview and the follow-up job walk the second one step by step,
 # oldest stall first. Queries spell the statuses as literals (core.lifecycle) for the planner to prove this.
+# (On PostgreSQL the migration also creates statistics st_sessions_flow_step on (flow, current_step), which the
+# metadata cannot declare: without them the planner expects half the sessions a step has.)
 IN_PROGRESS = text("status = 'active' OR (status = 'archived' AND archived_from = 'active')")
 Index("ix_sessions_in_progress", ChatSession.last_inbound_at, ChatSession.phone_number_id, ChatSession.user_id,
       postgresql_include=["flow", "current_step", "language", "status", "opted_out", "window_closed_at",
@@ -445,3 +447,9 @@ Index("ix_sessions_in_progress", ChatSession.last_inbound_at, ChatSession.phone_
 Index("ix_sessions_step_in_progress", ChatSession.flow, ChatSession.current_step, ChatSession.last_inbound_at,
       ChatSession.phone_number_id, ChatSession.user_id,
       postgresql_where=IN_PROGRESS, sqlite_where=IN_PROGRESS)
+# Also migration 0008: the few messages Meta refused because the 24 h window had closed (131047,
+# core.campaigns.WINDOW_CLOSED_CODE). The follow-up job checks, for every session stalled in a campaign's step,
+# whether its follow-up failed so (then a template may follow): an index-only probe of this index instead of the
+# outbox row itself.
+WINDOW_CLOSED = text("error_code = 131047")
+Index("ix_outbox_window_closed", Outbox.id, postgresql_where=WINDOW_CLOSED, sqlite_where=WINDOW_CLOSED)

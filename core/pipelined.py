@@ -10,7 +10,10 @@ pipeline mode) and two statements, whatever the number of users, through the fun
 2. decide in Python (core.batch, core.machine);
 3. `waflow_write` with every user's writes, then COMMIT — second round trip.
 Statement by statement, psycopg's client-side work per statement cost more than the server's work on it.
-A number change (rare: it reads and moves rows mid-batch) takes the Core path.
+A number change (rare: it reads and moves rows mid-batch) and a message that fails to apply (rare: its
+failure is counted, or it is quarantined, under the lock) take the Core path, so the happy path keeps its two
+statements. A data error raised by `waflow_write` rolls everything back and becomes `WriteRefusedError`, for
+the engine to find the message at fault.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from pydantic_core import to_json
 from sqlalchemy.exc import DBAPIError
 
 from core import metrics
-from core.batch import SESSIONS, STATE_COLUMNS, ApplyResult, Pending, SessionKey, UserBatch
+from core.batch import SESSIONS, STATE_COLUMNS, ApplyResult, Pending, SessionKey, UserBatch, WriteRefusedError
 from core.db import first_line
 from core.errors import DatabaseUnavailableError
 from core.messages import InboundMessage
@@ -51,7 +54,7 @@ def _json(value: object) -> str:
 
 
 class _CorePathNeeded(Exception):
-    """Raised before any write when the batch needs the Core path (a number change)."""
+    """Raised before any write when the batch needs the Core path (a number change, a failed message)."""
 
 
 class _Writes:
@@ -76,8 +79,9 @@ class PipelinedBatch(UserBatch):
     """One user's batch within `_apply_users`: its session comes from `waflow_claim`, its writes go to the
     transaction's shared `_Writes`."""
 
-    def __init__(self, engine: Engine, key: SessionKey, now: datetime, writes: _Writes) -> None:
-        super().__init__(engine, key, now)
+    def __init__(self, engine: Engine, key: SessionKey, now: datetime, writes: _Writes, *,
+                 limit: int | None = None) -> None:
+        super().__init__(engine, key, now, limit=limit)
         self.writes = writes
 
     def collect(self, session: dict[str, Any] | None, pending: list[Any] | None) -> tuple[
@@ -94,6 +98,10 @@ class PipelinedBatch(UserBatch):
     def _move_to(self, new_user_id: str) -> str:
         raise _CorePathNeeded
 
+    def _failed(self, item: Pending, error: Exception) -> bool:
+        # The claim does not read tries so far, and waflow_write does not count them: the Core path does both.
+        raise _CorePathNeeded from error
+
     def _write(self, original_version: int) -> None:
         w = self.writes
         phone, user = self.key
@@ -108,13 +116,22 @@ class PipelinedBatch(UserBatch):
         w.marks += [{"id": i, "result": r} for i, r in self._marks()]
 
 
-def apply_pipelined(engine: Engine, key: SessionKey, now: datetime, *, skip_locked: bool = False) -> ApplyResult | None:
-    """Apply one user's pending batch in one pipelined transaction; None when it must take the Core path."""
+def apply_pipelined(
+    engine: Engine, key: SessionKey, now: datetime, *, skip_locked: bool = False, limit: int | None = None
+) -> ApplyResult | None:
+    """Apply one user's pending batch (up to `limit` messages) in one pipelined transaction; None when it must
+    take the Core path. A `WriteRefusedError` names the messages the refused batch held."""
+    writes = _Writes()
+    batch = PipelinedBatch(engine, key, now, writes, limit=limit)
 
     def work(conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline) -> ApplyResult:
-        return _apply_users(engine, conn, pipeline, [key], now, skip_locked=skip_locked)[key]
+        return _apply_batches(conn, pipeline, [batch], writes, now, skip_locked=skip_locked)[key]
 
-    return _transaction(engine, f"cannot apply messages of {key}", work)
+    try:
+        return _transaction(engine, f"cannot apply messages of {key}", work)
+    except WriteRefusedError as e:
+        e.event_ids = batch.tried
+        raise
 
 
 def apply_pipelined_together(
@@ -139,7 +156,8 @@ def deliver_pipelined(
     applied, so a caller that gets an error has lost nothing and simply delivers again. Users are locked in
     key order (waiting, not skipping: the caller wants its messages applied) and messages are inserted in
     wamid order, so two deliverers never deadlock on each other's rows. Returns the new messages' keys and
-    each user's result; None when a batch needs the Core path (a number change): nothing was written."""
+    each user's result; None when a batch needs the Core path (a number change, a message that fails to
+    apply): nothing was written."""
     document = _document(messages)
 
     def work(
@@ -157,12 +175,19 @@ def _apply_users(
     engine: Engine, conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline, keys: list[SessionKey],
     now: datetime, *, skip_locked: bool,
 ) -> dict[SessionKey, ApplyResult]:
-    """Every user's session and pending messages in one claim (queued behind whatever the caller queued, one
-    round trip), locked in key order; then each user's decisions, and one write for all of them, queued for
-    the caller's COMMIT."""
     writes = _Writes()
     batches = [PipelinedBatch(engine, key, now, writes) for key in sorted(set(keys))]
-    limit = engine.settings.apply_batch_limit + 1  # one more than a batch: tells whether more remain
+    return _apply_batches(conn, pipeline, batches, writes, now, skip_locked=skip_locked)
+
+
+def _apply_batches(
+    conn: psycopg.Connection[Any], pipeline: psycopg.Pipeline, batches: list[PipelinedBatch], writes: _Writes,
+    now: datetime, *, skip_locked: bool,
+) -> dict[SessionKey, ApplyResult]:
+    """Every user's session and pending messages in one claim (queued behind whatever the caller queued, one
+    round trip), locked in key order (`batches` are sorted by key, all of the same limit, writing to `writes`);
+    then each user's decisions, and one write for all of them, queued for the caller's COMMIT."""
+    limit = batches[0].limit + 1  # one more than a batch: tells whether more remain
     claim = conn.execute(_CLAIM, (_json([b.new_session_row() for b in batches]), limit, skip_locked))
     started = time.perf_counter()
     pipeline.sync()
@@ -178,7 +203,8 @@ def _apply_users(
 def _transaction(
     engine: Engine, doing: str, work: Callable[[psycopg.Connection[Any], psycopg.Pipeline], _R]
 ) -> _R | None:
-    """`work` and COMMIT in one pipelined transaction; rolled back on any error, None on `_CorePathNeeded`."""
+    """`work` and COMMIT in one pipelined transaction; rolled back on any error, None on `_CorePathNeeded`,
+    `WriteRefusedError` on a data or integrity error."""
     with _pooled(engine, doing) as conn:
         try:
             with conn.pipeline() as pipeline:
@@ -192,6 +218,9 @@ def _transaction(
                 conn.rollback()
             if isinstance(e, _CorePathNeeded):
                 return None
+            if isinstance(e, (psycopg.DataError, psycopg.IntegrityError)):
+                # A value refused, not an outage: the engine retries smaller to find the message it belongs to.
+                raise WriteRefusedError(f"{doing}: {first_line(e)}") from e
             raise
 
 

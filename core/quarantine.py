@@ -165,13 +165,28 @@ class RetryResult:
 def retry(db: Database, engine: Engine, ids: Sequence[int], *, actor: str, reason: str,
           now: datetime) -> RetryResult:
     """Put held messages back: intake ones are parsed again and, if now acceptable, stored as new; apply ones are
-    pending again. Then every affected user is applied (exactly once: the transition log is unique per wamid)."""
+    pending again. Then every affected user is applied (exactly once: the transition log is unique per wamid).
+
+    Intake messages are stored before they are marked retried, each in the engine's own transaction (SQLite has
+    one writer: storing inside this transaction would wait on itself). A crash in between leaves them held, and
+    a second retry stores nothing twice (dedupe on the wamid)."""
+    with db.engine.connect() as conn:
+        rows = _held(conn, ids)
     still: list[tuple[int, str]] = []
     keys: list[tuple[str, str]] = []
+    for row in rows:
+        if row.stage != "apply":
+            problem = _reparse(engine, row.payload or "{}", keys, now)
+            if problem is not None:
+                still.append((row.id, problem))
+    stuck = {entry_id for entry_id, _ in still}
     retried = 0
     with db.begin() as conn:
-        rows = _held(conn, ids)
-        for row in rows:
+        for row in _held(conn, ids):
+            if row.id in stuck:
+                conn.execute(update(QuarantinedMessage).where(QuarantinedMessage.id == row.id)
+                             .values(reason=dict(still)[row.id][:2000]))
+                continue
             if row.stage == "apply":
                 event = conn.execute(select(InboundEvent.phone_number_id, InboundEvent.user_id)
                                      .where(InboundEvent.id == row.event_id)).first()
@@ -181,13 +196,6 @@ def retry(db: Database, engine: Engine, ids: Sequence[int], *, actor: str, reaso
                 conn.execute(update(InboundEvent).where(InboundEvent.id == row.event_id).values(
                     processed_at=None, result=None, apply_attempts=0, apply_error=None))
                 keys.append((event.phone_number_id, event.user_id))
-            else:
-                problem = _reparse(engine, row.payload or "{}", keys)
-                if problem is not None:
-                    still.append((row.id, problem))
-                    conn.execute(update(QuarantinedMessage).where(QuarantinedMessage.id == row.id)
-                                 .values(reason=problem[:2000]))
-                    continue
             audit.record(conn, actor=actor, action="quarantine.retry", target=f"quarantine {row.id}", reason=reason,
                          at=now)
             conn.execute(update(QuarantinedMessage).where(QuarantinedMessage.id == row.id)
@@ -198,12 +206,12 @@ def retry(db: Database, engine: Engine, ids: Sequence[int], *, actor: str, reaso
     return RetryResult(retried, still)
 
 
-def _reparse(engine: Engine, payload: str, keys: list[tuple[str, str]]) -> str | None:
+def _reparse(engine: Engine, payload: str, keys: list[tuple[str, str]], now: datetime) -> str | None:
     """Parse an intake reject again as a webhook of its own; store it if it is acceptable now. Returns why not."""
     body = json.dumps({"object": "whatsapp_business_account", "entry": [{"id": "quarantine", "changes": [
         {"field": "messages", "value": json.loads(payload)}]}]}).encode()
     try:
-        parsed = parse_webhook(body)
+        parsed = parse_webhook(body, now=now)  # a timestamp far ahead of the clock stays held
     except WaflowError as e:
         return str(e)
     if parsed.rejected:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from sqlalchemy import Connection, and_, update
+from sqlalchemy import Connection, and_, func, or_, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from core.db import Database, first_line, insert_for
@@ -22,7 +22,8 @@ from core.models import ChatSession, MessageStatus, MessageStatusEvent, Outbox
 RANK = {"sent": 1, "delivered": 2, "read": 3, "failed": 4}
 OUTSIDE_WINDOW = 131047
 UNDELIVERABLE = 131026
-
+# Statuses that prove a message left: an "uncertain" send (its answer was lost, see jobs/sender.py) is then sent.
+LEFT = ("sent", "delivered", "read")
 
 
 def error_code(status: StatusUpdate) -> int | None:
@@ -62,7 +63,8 @@ def _record(conn: Connection, status: StatusUpdate, now: datetime) -> int:
         )
         .on_conflict_do_nothing(index_elements=["wamid", "status", "timestamp"])
     )
-    new = conn.execute(history).rowcount or 0
+    # Asked for by RETURNING: psycopg reports rowcount -1 for an INSERT that SQLAlchemy gave an implicit RETURNING.
+    new = conn.execute(history.returning(MessageStatusEvent.id)).first() is not None
     rank = RANK.get(status.status)
     if rank is not None:
         stmt = insert_for(conn.dialect.name)(MessageStatus).values(
@@ -88,27 +90,28 @@ def _record(conn: Connection, status: StatusUpdate, now: datetime) -> int:
             where=MessageStatus.rank < stmt.excluded.rank,
         )
         conn.execute(stmt)
-    _link_outbox(conn, status)
+    _link_outbox(conn, status, at)
     if status.status == "failed":
         _on_failed(conn, status, code, at)
     return int(new)
 
 
-def _link_outbox(conn: Connection, status: StatusUpdate) -> None:
+def _link_outbox(conn: Connection, status: StatusUpdate, at: datetime) -> None:
     # biz_opaque_callback_data carries our outbox id: attach the wamid even if the send call has not returned.
     opaque = status.biz_opaque_callback_data
-    if opaque and opaque.isdigit():
+    if not (opaque and opaque.isdigit()):
+        return
+    ours = (Outbox.id == int(opaque), Outbox.phone_number_id == status.phone_number_id)
+    if status.status in LEFT:
+        # The send whose answer was lost did reach WhatsApp: settle it, so nobody resends or reports it. (A failed
+        # status settles it through _on_failed once the wamid is attached below.)
         conn.execute(
             update(Outbox)
-            .where(
-                and_(
-                    Outbox.id == int(opaque),
-                    Outbox.wamid.is_(None),
-                    Outbox.phone_number_id == status.phone_number_id,
-                )
-            )
-            .values(wamid=status.wamid)
+            .where(*ours, Outbox.status == "uncertain", or_(Outbox.wamid.is_(None), Outbox.wamid == status.wamid))
+            .values(status="sent", wamid=status.wamid, error_code=None, error_title=None,
+                    sent_at=func.coalesce(Outbox.sent_at, Outbox.send_started_at, at))
         )
+    conn.execute(update(Outbox).where(and_(*ours, Outbox.wamid.is_(None))).values(wamid=status.wamid))
 
 
 def _on_failed(conn: Connection, status: StatusUpdate, code: int | None, at: datetime) -> None:

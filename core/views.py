@@ -6,9 +6,20 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from core.db import Database
-from core.models import Campaign, ChatSession, InboundEvent, MessageStatus, MessageStatusEvent, Outbox, Transition
+from core.models import (
+    AuditEntry,
+    Campaign,
+    ChatSession,
+    InboundEvent,
+    MessageStatus,
+    MessageStatusEvent,
+    Outbox,
+    Transition,
+)
+from core.operator import outbox_target, session_target
 
 SERVICE_WINDOW = timedelta(hours=24)
 
@@ -38,7 +49,8 @@ def session_view(db: Database, phone_number_id: str, user_id: str) -> dict[str, 
             .where(
                 InboundEvent.phone_number_id == phone_number_id,
                 InboundEvent.user_id == user_id,
-                InboundEvent.result == "applied",
+                # Late ones too: logged (outcome "late" in the transitions), never taken as an answer.
+                InboundEvent.result.in_(("applied", "late")),
             )
             .order_by(InboundEvent.timestamp, InboundEvent.id)
         ).all()
@@ -49,6 +61,7 @@ def session_view(db: Database, phone_number_id: str, user_id: str) -> dict[str, 
             .where(Outbox.phone_number_id == phone_number_id, Outbox.user_id == user_id)
             .order_by(Outbox.id)
         ).all()
+        actions = _operator_actions(s, phone_number_id, user_id, [o.id for o, _campaign in outbound])
         expires = window_expires_at(session)
         return {
             "phone_number_id": session.phone_number_id,
@@ -94,7 +107,16 @@ def session_view(db: Database, phone_number_id: str, user_id: str) -> dict[str, 
                 }
                 for o, campaign in outbound
             ],
+            "operator_actions": actions,
         }
+
+
+def _operator_actions(s: Session, phone_number_id: str, user_id: str, outbox_ids: list[int]) -> list[dict[str, Any]]:
+    """Audit entries about this session and its outbound messages (resolved sends), oldest first."""
+    targets = [session_target(phone_number_id, user_id), *(outbox_target(i) for i in outbox_ids)]
+    entries = s.scalars(select(AuditEntry).where(AuditEntry.target.in_(targets)).order_by(AuditEntry.at, AuditEntry.id))
+    return [{"at": _iso(e.at), "actor": e.actor, "action": e.action, "target": e.target, "reason": e.reason}
+            for e in entries]
 
 
 def _inbound_item(event: InboundEvent) -> dict[str, Any]:
@@ -106,6 +128,7 @@ def _inbound_item(event: InboundEvent) -> dict[str, Any]:
         "text": message.get("text"),
         "choice_id": message.get("choice_id"),
         "context_id": message.get("context_id"),
+        "result": event.result,  # applied | late (older than a message already applied)
     }
 
 

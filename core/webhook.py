@@ -7,6 +7,7 @@ That one route is served by a thin ASGI layer in front of the FastAPI app, which
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import sys
@@ -18,16 +19,18 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sqlalchemy.exc import DBAPIError, OperationalError
-from starlette.types import Receive, Scope, Send
+from starlette.exceptions import HTTPException
+from starlette.types import Message, Receive, Scope, Send
 
-from core import metrics
+from core import logsafe, metrics
 from core.admin import AdminUnauthorized, admin_router, ops_router
 from core.config import Settings, get_settings
-from core.db import Database
+from core.db import Database, first_line
 from core.engine import Engine, IngestResult
 from core.errors import DatabaseUnavailableError, PayloadError
 from core.flows import FlowRegistry
-from core.intake import IntakeWorker
+from core.httpserver import BODY_TIMEOUT_SECONDS, MAX_HEADER_BYTES, NOSNIFF
+from core.intake import IntakeFailed, IntakeWorker
 from core.migrate import ensure_schema
 from core.payloads import MAX_BODY_BYTES
 from core.signature import verify_signature
@@ -45,6 +48,13 @@ class BodyTooLarge(Exception):
     pass
 
 
+class BodyTimeout(HTTPException):
+    """The client stopped sending the body. An HTTPException, so FastAPI routes answer it too (with 408)."""
+
+    def __init__(self) -> None:
+        super().__init__(408, f"no request body data for {BODY_TIMEOUT_SECONDS:g} s", headers={"Connection": "close"})
+
+
 def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
@@ -52,7 +62,8 @@ def _error(status: int, message: str) -> JSONResponse:
 def _unavailable(exc: Exception, *, count: bool) -> Response:
     if count:
         metrics.WEBHOOK_REQUESTS.labels("unavailable").inc()
-    log.warning("database unavailable: %s", exc)
+    # The first line only: a SQLAlchemy error's text goes on with the statement and its parameters (user data).
+    log.warning("database unavailable: %s", logsafe.clean(first_line(exc)))
     # Meta retries non-200 answers for days: a 503 loses nothing.
     return _error(503, "database unavailable, retry later")
 
@@ -79,7 +90,8 @@ class WebhookService:
         self.db = db
         self.engine = engine
         self.stats = RequestStats(db)
-        self.worker = ApplyWorker(engine, threads=settings.apply_threads) if background else None
+        wait = settings.apply_reorder_wait_ms / 1000  # a burst delivered out of order sorts itself meanwhile
+        self.worker = ApplyWorker(engine, threads=settings.apply_threads, reorder_wait=wait) if background else None
         self.intake = IntakeWorker(engine, db)
         interval = settings.pending_sweep_interval_seconds
         self.periodic = [
@@ -103,8 +115,13 @@ class WebhookService:
         self.db.dispose()
 
     def refresh_gauges(self) -> None:
-        self.engine.pending_count()
-        refresh_pause_gauge(self.db)  # sending paused per business number, and why (error code)
+        try:
+            self.engine.pending_count()
+            self.engine.quarantine_count()  # held quarantine rows per stage (waflow_quarantine_held)
+            refresh_pause_gauge(self.db)  # sending paused per business number, and why (error code)
+        except DATABASE_ERRORS as e:
+            # /metrics must answer during an outage (that is when it is read): the gauges keep their last values.
+            log.warning("metrics: database gauges not refreshed: %s", logsafe.clean(first_line(e)))
 
     def count(self, result: str, n: int = 1) -> None:
         metrics.WEBHOOK_REQUESTS.labels(result).inc(n)
@@ -120,7 +137,9 @@ class WebhookService:
 
 class WebhookFastPath:
     """POST /webhook straight from ASGI; every other request (the GET handshake, health, metrics, admin, the
-    lifespan) goes to the FastAPI app behind it."""
+    lifespan) goes to the FastAPI app behind it. Every HTTP request, on either path, gets the limits of
+    core.httpserver here: a head over MAX_HEADER_BYTES is refused (431), a stalled body times out (408) and every
+    response says `nosniff` (about 10 µs a request)."""
 
     def __init__(self, app: FastAPI) -> None:
         self.app = app
@@ -129,11 +148,23 @@ class WebhookFastPath:
         # Profiled under load (py-spy), FastAPI's middleware stack, router and request_response took about 26 % of
         # the process's GIL time around this endpoint's own 25 %; it needs none of them (no dependencies, no
         # validation, its own error answers).
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] != "/webhook":
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        send = _with_nosniff(send)
+        if _head_size(scope) > MAX_HEADER_BYTES:
+            # The server caps the head before parsing it (core.httpserver); this covers any other ASGI server.
+            await _error(431, f"request headers larger than {MAX_HEADER_BYTES // 1024} KB")(scope, receive, send)
+            return
+        receive = _with_body_timeout(receive)
+        if scope["method"] != "POST" or scope["path"] != "/webhook":
             await self.app(scope, receive, send)
             return
         try:
             response = await receive_post(self.app.state.service, Request(scope, receive))
+        except BodyTimeout as e:
+            log.warning("POST /webhook: %s; answered 408, nothing stored", e.detail)
+            response = JSONResponse({"error": e.detail}, status_code=408, headers=e.headers)
         except DATABASE_ERRORS as e:
             response = _unavailable(e, count=True)
         except Exception:
@@ -141,6 +172,43 @@ class WebhookFastPath:
             await PlainTextResponse("Internal Server Error", status_code=500)(scope, receive, send)
             raise
         await response(scope, receive, send)
+
+
+def _head_size(scope: Scope) -> int:
+    return len(scope.get("raw_path") or b"") + len(scope.get("query_string") or b"") + sum(
+        len(name) + len(value) for name, value in scope["headers"]
+    )
+
+
+def _with_nosniff(send: Send) -> Send:
+    """`send` adding X-Content-Type-Options: nosniff to the response (no browser may guess a type from it)."""
+
+    async def send_nosniff(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), NOSNIFF]}
+        await send(message)
+
+    return send_nosniff
+
+
+def _with_body_timeout(receive: Receive) -> Receive:
+    """`receive` raising BodyTimeout when the body stalls for BODY_TIMEOUT_SECONDS. Once the body is complete
+    it waits without limit: what is left to receive then is the client's disconnect."""
+    complete = False
+
+    async def receive_in_time() -> Message:
+        nonlocal complete
+        if complete:
+            return await receive()
+        try:
+            async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+                message = await receive()
+        except TimeoutError:
+            raise BodyTimeout from None
+        complete = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
+
+    return receive_in_time
 
 
 def create_app(
@@ -164,7 +232,10 @@ def create_app(
         finally:
             service.stop()
 
-    app = FastAPI(title="waflow", lifespan=lifespan, docs_url=None, redoc_url=None)
+    # No OpenAPI schema or docs (nothing here is for browsing), and no trailing-slash redirects: Starlette builds
+    # their Location from the request's Host header.
+    app = FastAPI(title="waflow", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None,
+                  redirect_slashes=False)
     app.state.settings = settings
     app.include_router(ops_router)
     app.include_router(admin_router)
@@ -212,9 +283,12 @@ async def receive_post(service: WebhookService, request: Request) -> Response:
     except PayloadError as e:
         service.count("rejected_payload")
         return _error(400, str(e))
+    except IntakeFailed as e:  # unexpected, this body's alone (logged by the intake): no 500, keep the connection
+        service.count("failed")
+        return _error(422, str(e))
     parsed, result = taken.parsed, taken.stored
     for note in parsed.notes:
-        log.info("webhook: %s", note)
+        log.info("webhook: %s", logsafe.clean(note))
     if result is None:
         service.count("ignored_object")
         return JSONResponse({"status": "ignored", "object": parsed.object})
@@ -226,6 +300,9 @@ async def receive_post(service: WebhookService, request: Request) -> Response:
     else:
         service.apply_now(result)
     body = {"status": "ok", "stored": result.stored, "duplicates": result.duplicates, "statuses": len(parsed.statuses)}
+    if taken.quarantined:
+        service.count("quarantined", taken.quarantined)
+        body["quarantined"] = taken.quarantined
     return JSONResponse(body)
 
 

@@ -22,7 +22,7 @@ from requests.adapters import HTTPAdapter
 from sqlalchemy import delete, select
 from urllib3.exceptions import ConnectTimeoutError, NameResolutionError, NewConnectionError
 
-from core import metrics
+from core import logsafe, metrics
 from core.db import Database, insert_for
 from core.models import SenderPause
 
@@ -217,7 +217,7 @@ def pause_sending(db: Database, phone_number_id: str, code: int | None, reason: 
         )
         created = conn.execute(stmt).first() is not None
     if created:
-        log.error("sending paused for %s: %s (code %s)", phone_number_id, reason, code)
+        log.error("sending paused for %s: %s (code %s)", phone_number_id, logsafe.clean(reason), code)
     refresh_pause_gauge(db)
     return created
 

@@ -41,8 +41,9 @@ def webhook_results(frame: pd.DataFrame) -> go.Figure:
 
 
 def states(frame: pd.DataFrame) -> go.Figure:
-    long = frame.melt(id_vars=["flow", "step"], value_vars=["active", "archived"], var_name="status",
-                      value_name="users")
+    long = frame[["flow", "step", "active", "archived"]].melt(
+        id_vars=["flow", "step"], value_vars=["active", "archived"], var_name="status", value_name="users"
+    )
     fig = px.bar(long, x="step", y="users", color="status", facet_col="flow", text="users",
                  color_discrete_sequence=PALETTE)
     fig.update_xaxes(matches=None)  # each flow shows its own steps only

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
 import streamlit as st
 
-from core.auth import DEMO_PASSWORD, DEMO_USER, CredentialsError, User, authenticate, load_users
+from core.auth import (
+    DEMO_PASSWORD,
+    DEMO_USER,
+    LOGIN_THROTTLE,
+    CredentialsError,
+    User,
+    authenticate,
+    client_key,
+    load_users,
+    user_key,
+)
 from core.config import Settings
 
 SESSION_KEY = "auth_user"
@@ -46,14 +57,26 @@ def require_login() -> dict[str, str]:
         password = st.text_input("Password", type="password", key="login_password")
         submitted = st.form_submit_button("Sign in")
     if submitted:
-        user: User | None = authenticate(users, name, password)
-        if user is None:
-            st.error("Wrong user name or password.")
-        else:
-            st.session_state[SESSION_KEY] = {"name": user.name, "role": user.role}
-            st.rerun()
+        _sign_in(users, name, password)
     st.stop()
     raise AssertionError("unreachable: st.stop() ends the run")
+
+
+def _sign_in(users: Mapping[str, User], name: str, password: str) -> None:
+    keys = [user_key(name), client_key(st.context.headers.get("X-Forwarded-For"), st.context.ip_address)]
+    wait = LOGIN_THROTTLE.wait(keys)
+    if wait > 0:
+        # Refused before the password is looked at: a throttled guess costs us nothing and tells nothing.
+        st.error(f"Too many failed sign-ins. Try again in {math.ceil(wait)} s.")
+        return
+    user = authenticate(users, name, password)
+    if user is None:
+        LOGIN_THROTTLE.failed(keys)
+        st.error("Wrong user name or password.")
+        return
+    LOGIN_THROTTLE.succeeded(keys[0])
+    st.session_state[SESSION_KEY] = {"name": user.name, "role": user.role}
+    st.rerun()
 
 
 def account_sidebar(user: Mapping[str, str]) -> None:

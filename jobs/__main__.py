@@ -14,7 +14,7 @@ from types import FrameType
 from prometheus_client import start_http_server
 
 from core.commands.common import open_database
-from core.errors import WaflowError
+from core.startup import explain, log_level
 from jobs.scheduler import JOBS, JobContext, run_once, serve
 
 
@@ -26,16 +26,19 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m jobs", description="waflow jobs: archive, follow-ups, outbox sender, sweeper")
     parser.add_argument("--once", choices=sorted(JOBS), help="run one job now and exit")
-    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-level", default="INFO", type=log_level)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
     try:
         settings, db = open_database()
         context = JobContext(settings, db)
+        # Built now so that a missing FLOWS_DIR or an unknown flow in FLOW_ROUTES stops the start with one line,
+        # not every sweeper run later.
+        _ = context.engine
         if args.once:
             outcome = run_once(context, args.once)
             print(json.dumps({"job": args.once, "status": outcome.status, "result": outcome.result,
@@ -54,8 +57,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, _stop)
         serve(context, stop)
         return 0
-    except WaflowError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        # A bad setting, database URL or flow, an unreachable database: one line, no traceback. A bug keeps its.
+        line = explain(e)
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr)
         return 1
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import and_, exists, func, select, tuple_, update
 
+from core import logsafe
 from core.campaigns import (
     WINDOW_CLOSED_CODE,
     FollowUpPlan,
@@ -129,7 +130,8 @@ def _queue_one(
         if followup_id is None:
             return "duplicate"  # another run took this attempt first
         if plan.action == "skip":
-            log.info("follow-up %s to %s/%s skipped: %s", campaign.name, *key[1:3], plan.reason)
+            log.info("follow-up %s to %s/%s skipped: %s", campaign.name, key[1], logsafe.masked(key[2]),
+                     logsafe.clean(plan.reason))
             return "skipped"
         outbox_id = conn.execute(
             insert(Outbox)

@@ -45,7 +45,7 @@ from typing import Any
 from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session, aliased
 
-from core import metrics
+from core import logsafe, metrics
 from core.campaigns import LiveSession, QueuedFollowUp, Recheck, facts_of, recheck_followup
 from core.config import Settings
 from core.db import Database
@@ -285,8 +285,8 @@ class _Run:
 
     def _after_recheck(self, row: Claimed, check: Recheck) -> Claimed | str:
         if check.action == "cancel":
-            log.info("follow-up outbox %s to %s/%s cancelled: %s", row.id, row.phone_number_id, row.user_id,
-                     check.reason)
+            log.info("follow-up outbox %s to %s/%s cancelled: %s", row.id, row.phone_number_id,
+                     logsafe.masked(row.user_id), logsafe.clean(check.reason))
             metrics.OUTBOX_RESULTS.labels("cancelled").inc()
             return f"cancelled_{check.cause}"
         if check.plan is None or check.plan.body is None:

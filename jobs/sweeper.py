@@ -1,5 +1,8 @@
 """Crash recovery: apply inbound messages left pending, and free outbox claims whose sender died.
 
+A message that fails to apply does not stop the run: it is counted (and quarantined at its last try) and the
+other users go on; the result reports how many failed, were quarantined, or raised (core.engine).
+
 A "sending" claim older than `send_claim_timeout_seconds` belongs to a sender that crashed or hung:
 - `send_started_at` is NULL: the HTTP request was never started (it is written and committed just before
   the call), so the row goes back to "queued" and is sent normally;
@@ -24,9 +27,10 @@ from core.models import Outbox
 
 def run_sweeper(db: Database, settings: Settings, now: datetime, *, engine: Engine | None = None) -> dict[str, Any]:
     engine = engine or Engine(db, settings=settings)
-    applied = engine.process_pending(older_than=timedelta(seconds=settings.sweeper_pending_age_seconds))
+    report = engine.process_pending_report(older_than=timedelta(seconds=settings.sweeper_pending_age_seconds))
     requeued, uncertain = free_stale_claims(db, now, timedelta(seconds=settings.send_claim_timeout_seconds))
-    return {"applied": applied, "claims_requeued": requeued, "claims_uncertain": uncertain}
+    return {"applied": report.applied, "apply_failed": report.failed, "quarantined": report.quarantined,
+            "apply_errors": report.errors, "claims_requeued": requeued, "claims_uncertain": uncertain}
 
 
 def free_stale_claims(db: Database, now: datetime, timeout: timedelta) -> tuple[int, int]:

@@ -424,6 +424,12 @@ CREATE INDEX IF NOT EXISTS ix_sessions_in_progress ON sessions (last_inbound_at,
 
 CREATE INDEX IF NOT EXISTS ix_sessions_step_in_progress ON sessions (flow, current_step, last_inbound_at, phone_number_id, user_id) WHERE status = 'active' OR (status = 'archived' AND archived_from = 'active');
 
+CREATE INDEX IF NOT EXISTS ix_outbox_window_closed ON outbox (id) WHERE error_code = 131047;
+
+CREATE STATISTICS IF NOT EXISTS st_sessions_flow_step (dependencies, mcv) ON flow, current_step FROM sessions;
+
+ANALYZE sessions;
+
 UPDATE alembic_version SET version_num='0008' WHERE alembic_version.version_num = '0007';
 
 -- Running upgrade 0008 -> 0009

@@ -349,16 +349,21 @@ def _row_versions(db: Database, user: str) -> list[str]:
                                  {"u": user}))
 
 
-def test_rollup_rows_carry_entered_at_and_a_late_message_moves_it_earlier(story: Database, engine: Engine) -> None:
+def test_rollup_rows_carry_entered_at_and_a_late_message_moves_it_earlier(story: Database) -> None:
     analytics.refresh_rollups(story)
     assert _reach(story, "u2") == {
         "ask_name": (at(100), at(100)), "ask_email": (at(400), at(100)), "ask_city": (at(1000), at(100)),
     }
     versions = _row_versions(story, "u1") if story.is_postgres else []
-    # A message sent before u3's first one, delivered after it: u3 reached ask_email (and the flow) at 150.
-    deliver(engine, "PN1", "u3", 150, "Dee")
+    # A message sent before u3's first one, delivered after it, as the engine logged it before late messages were
+    # logged as late (tests/test_late_messages.py): u3 reached ask_email (and the flow) at 150.
     # A reprompt at a step u1 reached long ago changes nothing in the rollup, and writes no new row versions.
     with story.begin() as conn:
+        conn.execute(insert(Transition).values(
+            phone_number_id="PN1", user_id="u3", flow="lead_qualification", flow_version=1, from_step="ask_name",
+            to_step="ask_email", outcome="advanced", wamid="wamid.u3.150", at=at(150), applied_at=at(153),
+            elapsed_seconds=None, session_version=2, language="en",
+        ))
         conn.execute(insert(Transition).values(
             phone_number_id="PN1", user_id="u1", flow="lead_qualification", flow_version=1, from_step="ask_email",
             to_step="ask_email", outcome="reprompted", wamid="wamid.late", at=at(9000), applied_at=at(9001),

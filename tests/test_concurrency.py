@@ -33,8 +33,10 @@ def _plan(run: str) -> list[list[dict[str, object]]]:
         for i in range(2):
             worker = (u + i) % PROCESSES
             plans[worker].append(text(user, f"m{i}", BASE_TS + i, wamid_=f"wamid.{run}.u{u}.{i}"))
-    # interleave: hot-user and other-user messages alternate within every worker
-    return [[m.model_dump(mode="json") for m in sorted(p, key=lambda m: (m.timestamp, m.wamid))] for p in plans]
+    # interleave: hot-user and other-user messages alternate within every worker. Then all in one WhatsApp second:
+    # across processes arrival order is arbitrary, and a message older than one applied is late (not counted).
+    return [[m.model_copy(update={"timestamp": BASE_TS}).model_dump(mode="json")
+             for m in sorted(p, key=lambda m: (m.timestamp, m.wamid))] for p in plans]
 
 
 def _run(database_url: str, flows_dir: Path, lock_sessions: bool, run: str) -> int:

@@ -28,8 +28,9 @@ from core.models import (
 )
 
 QUANTILES = (0.5, 0.9, 0.99)
-# Subscription changes are logged as transitions but say nothing about progress through a flow.
-NOT_PROGRESS = ("opted_out", "opted_in")
+# Subscription changes are logged as transitions but say nothing about progress through a flow; nor does a
+# late message (older than one already applied: logged at the session's latest time, it moved nothing).
+NOT_PROGRESS = ("opted_out", "opted_in", "late")
 SESSION_STATUSES = ("active", "completed", "archived")
 
 # A SELECT of any shape, and a column or an ORM attribute, as the helpers below accept them.

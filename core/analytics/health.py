@@ -1,7 +1,8 @@
-"""Health page: webhook results, pending queue, apply latency, outbox backlog, send failures, jobs."""
+"""Health page: webhook results, pending queue, quarantine, apply latency, outbox backlog, send failures, jobs."""
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +24,7 @@ from core.models import (
     SenderPause,
     WebhookStat,
 )
+from core.quarantine import Held, held_counts, list_quarantine
 
 
 def webhook_results(
@@ -63,6 +65,18 @@ def pending_queue(db: Database, now: datetime) -> pd.DataFrame:
     frame["pending"] = frame["pending"].astype(int)
     frame["oldest_age_seconds"] = (now - oldest).total_seconds() if oldest is not None else 0.0
     return frame.drop(columns=["oldest"])
+
+
+def quarantine_counts(db: Database) -> pd.DataFrame:
+    """Messages held in the quarantine, per stage (intake: could not be taken; apply: failed to apply
+    APPLY_MAX_ATTEMPTS times): stage, held."""
+    return pd.DataFrame(list(held_counts(db).items()), columns=["stage", "held"])
+
+
+def quarantined_recent(db: Database, limit: int = 20) -> pd.DataFrame:
+    """The newest held quarantined messages, newest first, with the reason."""
+    rows = [asdict(held) for held in list_quarantine(db, "held", limit)]
+    return pd.DataFrame(rows, columns=[f.name for f in fields(Held)])
 
 
 def apply_latency(db: Database, since: datetime | None = None, until: datetime | None = None,

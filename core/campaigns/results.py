@@ -12,6 +12,7 @@ from sqlalchemy import (
     Interval,
     String,
     and_,
+    case,
     cast,
     exists,
     false,
@@ -19,6 +20,8 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
+    true,
 )
 
 from core.campaigns.planning import SessionFacts, plan_followup
@@ -114,23 +117,29 @@ def _result_counts(db: Database, campaign_ids: list[int], now: datetime) -> dict
     (advanced out of its step within the campaign's recovery window) count queued follow-ups; skipped counts
     the skipped ones, cancelled those the sender cancelled right before sending (jobs/sender.py: the user
     replied, moved on, completed or opted out, the campaign was paused, the window closed without a template);
-    targeted counts the sessions. ix_transitions_session_at answers both "after it" checks.
+    targeted counts the sessions. ix_transitions_session_at answers both "after it" checks, asked only where the
+    session's last message can tell nothing: a user whose last message is older than the follow-up neither
+    replied nor recovered, and one who wrote after it but before `now` replied (most follow-ups at scale go to
+    users who never answer, so the log is read for few of them).
     """
     f, t = FollowUp, Transition
     queued = f.status == "queued"
     # Before the sender rechecked follow-ups it cancelled opt-outs on the outbox row only.
     cancelled = or_(f.status == "cancelled", and_(queued, Outbox.status == "cancelled"))
     after = and_(t.phone_number_id == f.phone_number_id, t.user_id == f.user_id, t.at > f.created_at, t.at <= now)
-    recovered = exists().where(
+    last = ChatSession.last_inbound_at  # NULL when the session moved to a new number: ask the log then
+    silent = and_(last.is_not(None), last <= f.created_at)
+    replied = case((silent, false()), (and_(last.is_not(None), last <= now), true()), else_=exists().where(after))
+    recovered = case((silent, false()), else_=exists().where(
         after, t.outcome.in_(RECOVERING_OUTCOMES), t.from_step == f.step,
         t.at <= _plus_seconds(db, f.created_at, Campaign.recovery_window_seconds),
-    )
+    ))
     counted: dict[str, ColumnElement[bool]] = {
         "sent": and_(queued, Outbox.status == "sent"),
         "delivered": and_(queued, MessageStatus.status.in_(("delivered", "read"))),
         "read": and_(queued, MessageStatus.status == "read"),
         "failed": and_(queued, or_(Outbox.status == "failed", MessageStatus.status == "failed")),
-        "replied": and_(queued, exists().where(after)),
+        "replied": and_(queued, replied),
         "recovered": and_(queued, recovered),
         "skipped": f.status == "skipped",
         "cancelled": cancelled,
@@ -138,8 +147,11 @@ def _result_counts(db: Database, campaign_ids: list[int], now: datetime) -> dict
     per_session = (
         select(f.campaign_id, *(func.count().filter(test).label(name) for name, test in counted.items()))
         .join(Campaign, Campaign.id == f.campaign_id)
-        .outerjoin(Outbox, Outbox.id == f.outbox_id)
+        # Restricted to the campaigns' own rows so the planner reads them by ix_outbox_campaign, not every reply.
+        .outerjoin(Outbox, and_(Outbox.id == f.outbox_id, Outbox.campaign_id.in_(campaign_ids)))
         .outerjoin(MessageStatus, MessageStatus.wamid == Outbox.wamid)
+        .outerjoin(ChatSession, and_(ChatSession.phone_number_id == f.phone_number_id,
+                                     ChatSession.user_id == f.user_id))
         .where(f.campaign_id.in_(campaign_ids))
         .group_by(f.campaign_id, f.phone_number_id, f.user_id)
         .subquery("per_session")
@@ -149,6 +161,9 @@ def _result_counts(db: Database, campaign_ids: list[int], now: datetime) -> dict
         *(func.sum(per_session.c[name]).label(name) for name in counted),
     ).group_by(per_session.c.campaign_id)
     with db.engine.connect() as conn:
+        if db.is_postgres:
+            # JIT compiling this sub-second aggregate cost more than it saved (0.7-1.4 s at 70,000 follow-ups).
+            conn.execute(text("SET LOCAL jit = off"))
         return {
             row["campaign_id"]: {name: int(row[name]) for name in RESULT_COLUMNS[3:]}
             for row in conn.execute(stmt).mappings()

@@ -34,6 +34,8 @@ WINDOW_SAFETY = timedelta(minutes=5)
 
 _DURATION_PART = re.compile(r"(\d+)\s*([smhd])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# Longer is a typo, and would overflow datetime arithmetic and database integers.
+MAX_DURATION_SECONDS = 3650 * 86400
 _HHMM = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
 # Placeholder keys filled from the session row rather than its data (core.campaigns.planning.placeholder_values).
 SESSION_FIELDS = ("profile_name",)
@@ -50,6 +52,8 @@ def parse_duration(text: str) -> int:
     seconds = sum(int(n) * _UNIT_SECONDS[u] for n, u in parts)
     if seconds <= 0:
         raise ValueError(f"invalid duration {text!r}: must be longer than zero")
+    if seconds > MAX_DURATION_SECONDS:
+        raise ValueError(f"invalid duration {text[:40]!r}: at most 3650d (ten years)")
     return seconds
 
 

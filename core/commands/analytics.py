@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import getpass
 import json
 import sys
@@ -13,12 +12,15 @@ from typing import Any
 
 import pandas as pd
 
-from core import analytics
+from core import analytics, csvsafe
 from core.auth import hash_password
 from core.campaigns import parse_duration
 from core.commands.common import open_database
 from core.errors import WaflowError
 from core.flows import default_flows_dir, load_flows
+
+# WhatsApp timestamps are Unix seconds, so nothing is older than 1970; the last day leaves room for the day after.
+FIRST_DAY, LAST_DAY = date(1970, 1, 1), date(9999, 12, 30)
 
 
 def register(sub: Any) -> None:
@@ -46,9 +48,12 @@ def register(sub: Any) -> None:
 
 def _date(text: str) -> date:
     try:
-        return date.fromisoformat(text)
+        day = date.fromisoformat(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid date {text!r}: use YYYY-MM-DD") from None
+    if not FIRST_DAY <= day <= LAST_DAY:
+        raise argparse.ArgumentTypeError(f"date {text} out of range: use a day from {FIRST_DAY} to {LAST_DAY}")
+    return day
 
 
 def _duration(text: str) -> int:
@@ -76,7 +81,7 @@ def cmd_funnel(args: argparse.Namespace) -> int:
         json.dump(records, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif args.format == "csv":
-        frame.to_csv(sys.stdout, index=False)
+        csvsafe.write_csv(frame, sys.stdout)
     else:
         print(_table(frame) if not frame.empty else f"no users entered {args.flow} in that range")
     return 0
@@ -95,7 +100,7 @@ def cmd_export_stalled(args: argparse.Namespace) -> int:
     frame = analytics.stalled_users(db, query)
     try:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(args.out, index=False, quoting=csv.QUOTE_MINIMAL)
+        csvsafe.write_csv(frame, args.out)
     except OSError as e:
         raise WaflowError(f"cannot write {args.out}: {e}") from e
     print(f"wrote {len(frame)} user(s) to {args.out}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from typing import Any
 
@@ -12,6 +13,8 @@ from core.migrate import ensure_schema
 
 
 def open_database(settings: Settings | None = None) -> tuple[Settings, Database]:
+    # Alembic's INFO lines ("Context impl ...") would come before a command's own output or its one error line.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     settings = settings or get_settings()
     db = Database(settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow)
     db.ping()

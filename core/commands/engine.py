@@ -60,9 +60,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 def cmd_process_pending(_args: argparse.Namespace) -> int:
     _quiet_alembic()
     settings, db = open_database()
-    applied = Engine(db, settings=settings).process_pending()
-    print(f"applied {applied} pending message(s)")
-    return 0
+    report = Engine(db, settings=settings).process_pending_report()
+    print(f"applied {report.applied} pending message(s)")
+    # A message that cannot be applied is counted and skipped, never the end of the run for everyone else.
+    if report.failed:
+        print(f"{report.failed} message(s) failed to apply and stay pending: tried again by the next run (up to "
+              f"APPLY_MAX_ATTEMPTS={settings.apply_max_attempts} times), then quarantined")
+    if report.quarantined:
+        print(f"{report.quarantined} message(s) quarantined after APPLY_MAX_ATTEMPTS failed tries: "
+              "`python -m core quarantine list`")
+    if report.errors:
+        print(f"{report.errors} user(s) left pending after an error (logged); the others were applied")
+    return 1 if report.errors else 0
 
 
 def cmd_sessions_show(args: argparse.Namespace) -> int:

@@ -6,22 +6,31 @@ import argparse
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
 
 from core.commands.common import open_database
+from core.engine import Engine
+from core.httpserver import LimitedHttpToolsProtocol
 from core.metrics import MULTIPROCESS_DIR_ENV
+
+# Every uvicorn we start: the protocol with the head-size cap and deadline, no access log (it would log every
+# webhook POST), no `server: uvicorn` header telling a scanner what to try.
+UVICORN_OPTIONS: dict[str, Any] = {
+    "http": LimitedHttpToolsProtocol, "access_log": False, "log_level": "info", "server_header": False,
+}
 
 
 def register(sub: Any) -> None:
     serve = sub.add_parser("serve", help="run the webhook server (also applies pending messages in the background)")
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=_bounded(1, 65535), default=8000)
     serve.add_argument(
-        "--workers", type=int, default=1, help="uvicorn worker processes (each with its own pool and applier)"
+        "--workers", type=_bounded(1, 256), default=1,
+        help="uvicorn worker processes (each with its own pool and applier)",
     )
     serve.set_defaults(handler=cmd_serve)
 
@@ -29,6 +38,7 @@ def register(sub: Any) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     # Fail with one clear line before uvicorn starts, and migrate once rather than in every worker.
     settings, db = open_database()
+    flows = Engine(db, settings=settings).flows  # a missing FLOWS_DIR or an unknown routed flow: one line, here
     db.dispose()
     from core.webhook import create_app  # imported here: the other commands need not load the web stack
 
@@ -36,11 +46,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         with _shared_metrics_dir():
             uvicorn.run(
                 "core.webhook:app_factory", factory=True, host=args.host, port=args.port, workers=args.workers,
-                access_log=False, log_level="info",
+                **UVICORN_OPTIONS,
             )
     else:
-        uvicorn.run(create_app(settings), host=args.host, port=args.port, access_log=False, log_level="info")
+        uvicorn.run(create_app(settings, flows=flows), host=args.host, port=args.port, **UVICORN_OPTIONS)
     return 0
+
+
+def _bounded(low: int, high: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range ({low} to {high})")
+        return value
+
+    return parse
 
 
 @contextmanager

@@ -1,4 +1,4 @@
-"""Health: webhook results, pending queue, apply latency, outbox backlog, send failures, jobs."""
+"""Health: webhook results, pending queue, quarantine, apply latency, outbox backlog, send failures, jobs."""
 
 from datetime import timedelta
 
@@ -32,6 +32,17 @@ if pending > threshold:
              "(PENDING_WARNING_THRESHOLD): are the webhook workers / sweeper running?")
 else:
     st.success(f"Pending queue depth {pending:,} (warning above {threshold:,}).")
+
+# Quarantine (read-only here): messages held for an operator instead of blocking their user or anyone else.
+counts = data.quarantine_counts(url)
+held = dict(zip(counts["stage"], counts["held"], strict=True))
+if sum(held.values()):
+    st.warning(f"Quarantine: {sum(held.values()):,} message(s) held, {held.get('apply', 0):,} that failed to apply "
+               f"(APPLY_MAX_ATTEMPTS tries) and {held.get('intake', 0):,} that could not be stored. Their users' "
+               "later messages went on; `python -m core quarantine retry|drop` once the cause is fixed.")
+    st.dataframe(data.quarantined_recent(url, 20), hide_index=True, key="health_quarantine_table")
+else:
+    st.success("Quarantine: no message held.")
 
 for pause in data.sender_pauses(url).itertuples():
     st.error(f"Sending paused for {pause.phone_number_id} since {pause.paused_at:%Y-%m-%d %H:%M} UTC: {pause.reason}")

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from core import campaigns
+from core import campaigns, csvsafe
 from core.analytics import StalledQuery
 from core.errors import WaflowError
 from dashboard import charts, common, data
@@ -48,7 +48,9 @@ query = StalledQuery(now=now, idle_seconds=idle_seconds, flow=filters.flow, step
                      opted_out=opted, status=presence, limit=limit)
 frame = data.stalled_users(url, query)
 total = data.stalled_count(url, query)
-shown = common.masked(frame)
+# What is shown is what the CSV holds, formula-like cells quoted (core.csvsafe): the table's own download
+# button exports the shown cells as they are.
+shown = csvsafe.safe_frame(common.masked(frame))
 st.metric("Stalled users", f"{total:,}", help="All users matching the filters; the table and CSV hold the first "
           "'Max rows' of them.")
 if frame.empty:
@@ -57,7 +59,7 @@ if frame.empty:
 
 st.plotly_chart(charts.stalled_by_step(frame), key="stalled_chart")
 st.dataframe(shown, hide_index=True, key="stalled_table")
-csv_bytes = shown.to_csv(index=False).encode("utf-8")
+csv_bytes = csvsafe.csv_bytes(shown)
 # Kept in the session too: the CSV offered is exactly the rows above (tests read it from here).
 st.session_state["stalled_csv"] = csv_bytes
 st.download_button(
