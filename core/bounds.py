@@ -31,6 +31,7 @@ MAX_KIND_CHARS = 32  # inbound_events.kind (the message `type`)
 MAX_PROFILE_NAME_CHARS = 256  # sessions.profile_name
 MAX_REFERENCE_CHARS = 256  # context.id and reaction.message_id: outbound wamids, compared with outbox.wamid
 MAX_STATUS_CHARS = 16  # message_status.status, message_status_events.status
+MAX_PRICING_CHARS = 32  # message_status.pricing_category, message_status.pricing_model
 # Free text (a message body, a caption, a file name, any other string or key in a stored message): WhatsApp's own
 # limit for one message is 65,536 characters.
 MAX_TEXT_CHARS = 65_536

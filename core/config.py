@@ -67,6 +67,10 @@ class Settings(BaseSettings):
     send_max_attempts: int = 8
     quiet_hours_timezone: str = "UTC"
     recovery_window_hours: float = 48.0
+    # Frequency cap across all campaigns (core.campaigns.guardrails): at most FOLLOWUP_CAP follow-ups to a user in
+    # a rolling FOLLOWUP_CAP_WINDOW (a duration: 90s, 30m, 2h, 7d).
+    followup_cap: int = 3
+    followup_cap_window: str = "7d"
     # Jobs: outbox sender (see jobs/sender.py for the retry classes and the at-least-once window)
     send_workers: int = 8
     send_batch_size: int = 500
@@ -127,6 +131,20 @@ class Settings(BaseSettings):
         if not math.isfinite(value) or not 0 <= value <= high:
             raise ValueError(f"must be a number from 0 to {high:,.0f}")
         return value
+
+    @field_validator("followup_cap_window")
+    @classmethod
+    def _duration(cls, value: str) -> str:
+        from core.campaigns.spec import parse_duration  # here: core.campaigns imports this module
+
+        parse_duration(value)
+        return value
+
+    @property
+    def followup_cap_window_seconds(self) -> int:
+        from core.campaigns.spec import parse_duration
+
+        return parse_duration(self.followup_cap_window)
 
     @field_validator("graph_api_url")
     @classmethod

@@ -98,7 +98,10 @@ def _sqlite_engine(url: str) -> Engine:
             Path(parsed.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise DatabaseUnavailableError(f"cannot create the SQLite directory for {url}: {e.strerror}") from e
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False})
+    # hide_parameters: a failed statement's values are user data (numbers, texts); errors, logs and the
+    # quarantine's reasons name the statement and the problem, never the values.
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False},
+                           hide_parameters=True)
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -123,6 +126,7 @@ def _sqlite_engine(url: str) -> Engine:
 def _postgres_engine(url: str, pool_size: int, max_overflow: int) -> Engine:
     return create_engine(
         url,
+        hide_parameters=True,
         pool_size=pool_size,
         max_overflow=max_overflow,
         # No pre-ping: it costs a round trip per transaction on the hot path. A connection broken by a

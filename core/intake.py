@@ -38,14 +38,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import psycopg
+from sqlalchemy import delete
 from sqlalchemy import exc as sa_exc
 
 from core import logsafe
-from core.db import Database, first_line
+from core.db import Database, first_line, insert_for
 from core.engine import Engine, IngestResult
 from core.errors import DatabaseUnavailableError, PayloadError, WaflowError
 from core.messages import InboundMessage, RejectedMessage, StatusUpdate
-from core.payloads import ParsedWebhook, parse_webhook, rejected_message
+from core.models import MarketingOptOut
+from core.payloads import MarketingPreference, ParsedWebhook, parse_webhook, rejected_message
 from core.quarantine import record_rejected
 from core.statuses import record_statuses
 from core.worker import take_batch
@@ -242,6 +244,7 @@ class IntakeWorker:
             items = [item for _, item in relevant]
             self._store_messages(items, now)
             self._quarantine([item for item in items if item.rejected and item.error is None], now)
+            self._preferences([item for item in items if item.parsed.preferences and item.error is None], now)
             for index, item in relevant:
                 outcomes[index] = item.outcome()
         done = [outcome for outcome in outcomes if outcome is not None]
@@ -294,6 +297,15 @@ class IntakeWorker:
         for item in items:
             item.error = answer
 
+    def _preferences(self, items: list[_Body], now: datetime) -> None:
+        """`user_preferences` stop/resume of marketing messages, all bodies' in one transaction."""
+        if not items:
+            return
+        try:
+            record_preferences(self.db, [p for item in items for p in item.parsed.preferences], now)
+        except Exception as e:  # noqa: BLE001 — these bodies' answer (Meta retries them)
+            self._fail(items, e, "recording marketing preferences")
+
     def _quarantine(self, items: list[_Body], now: datetime) -> None:
         """Hold every body's rejects, together; should that fail on a value, each body's on its own."""
         if not items:
@@ -310,6 +322,25 @@ class IntakeWorker:
                 record_rejected(self.db, item.rejected, now)
             except Exception as e:  # noqa: BLE001 — this body's answer
                 item.error = failure(e, "holding messages in the quarantine")
+
+
+def record_preferences(db: Database, preferences: Sequence[MarketingPreference], now: datetime) -> None:
+    """A stop records the user in marketing_optouts (kept from the first stop), a resume deletes the row; in
+    WhatsApp timestamp order within the batch; across deliveries the last one recorded wins."""
+    insert = insert_for(db.engine.dialect.name)
+    with db.begin() as conn:
+        for p in sorted(preferences, key=lambda p: p.timestamp or 0):
+            key = (MarketingOptOut.phone_number_id == p.phone_number_id, MarketingOptOut.user_id == p.user_id)
+            if not p.stop:
+                conn.execute(delete(MarketingOptOut).where(*key))
+                continue
+            at = datetime.fromtimestamp(p.timestamp, UTC) if p.timestamp else now
+            conn.execute(
+                insert(MarketingOptOut)
+                .values(phone_number_id=p.phone_number_id, user_id=p.user_id, source="user_preferences",
+                        opted_out_at=at)
+                .on_conflict_do_nothing(index_elements=["phone_number_id", "user_id"])
+            )
 
 
 def _unstorable(message: InboundMessage, error: BaseException) -> RejectedMessage:

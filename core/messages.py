@@ -91,6 +91,17 @@ class InboundMessage(BaseModel):
         return self.kind in FLOW_KINDS
 
 
+class Pricing(BaseModel):
+    """Meta's `pricing` object on a status: the category the message is billed as (marketing, utility, service,
+    authentication...), whether it is billable, and the pricing model (PMP, or CBP before July 2025)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    category: str | None = None
+    billable: bool | None = None
+    model: str | None = None
+
+
 class StatusUpdate(BaseModel):
     """One entry of `statuses[]`: the delivery state of an outbound message."""
 
@@ -103,6 +114,7 @@ class StatusUpdate(BaseModel):
     recipient_id: str | None = None
     errors: list[dict[str, Any]] = Field(default_factory=list)
     biz_opaque_callback_data: str | None = None
+    pricing: Pricing | None = None
     raw: dict[str, Any] = Field(default_factory=dict)
 
     @field_validator("timestamp", mode="before")

@@ -218,6 +218,11 @@ class MessageStatus(Base):
     error_code: Mapped[int | None] = mapped_column(Integer)
     status_at: Mapped[datetime]
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Meta's `pricing` object from the statuses of this message (campaign cost): category (marketing, utility,
+    # service, authentication...), whether it is billable, and the pricing model (PMP, CBP).
+    pricing_category: Mapped[str | None] = mapped_column(String(32))
+    pricing_billable: Mapped[bool | None] = mapped_column(Boolean)
+    pricing_model: Mapped[str | None] = mapped_column(String(32))
 
 
 class MessageStatusEvent(Base):
@@ -289,6 +294,19 @@ class FollowUp(Base):
         UniqueConstraint("campaign_id", "phone_number_id", "user_id", "attempt", name="uq_followup_attempt"),
         Index("ix_followups_session", "phone_number_id", "user_id"),
     )
+
+
+class MarketingOptOut(Base):
+    """A user who stopped marketing messages from one business number: Meta's 131050 on a send, or a
+    `user_preferences` webhook with `marketing_messages` stop (a resume deletes the row). Marketing templates
+    never go to them; replies and utility messages still do."""
+
+    __tablename__ = "marketing_optouts"
+
+    phone_number_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    source: Mapped[str] = mapped_column(String(32))  # error_131050 | user_preferences | operator
+    opted_out_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class SenderPause(Base):

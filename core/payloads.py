@@ -30,6 +30,7 @@ from core.bounds import (
     MAX_KIND_CHARS,
     MAX_OPAQUE_CHARS,
     MAX_PHONE_NUMBER_ID_CHARS,
+    MAX_PRICING_CHARS,
     MAX_PROFILE_NAME_CHARS,
     MAX_REFERENCE_CHARS,
     MAX_STATUS_CHARS,
@@ -45,7 +46,7 @@ from core.bounds import (
     check_timestamp,
 )
 from core.errors import PayloadError
-from core.messages import InboundMessage, Location, Media, RejectedMessage, StatusUpdate
+from core.messages import InboundMessage, Location, Media, Pricing, RejectedMessage, StatusUpdate
 
 __all__ = ["MAX_BODY_BYTES", "MAX_DEPTH", "ParsedWebhook", "parse_webhook", "rejected_message"]
 
@@ -58,6 +59,17 @@ Json = dict[str, Any]
 
 
 @dataclass(frozen=True)
+class MarketingPreference:
+    """One `user_preferences[]` entry with category `marketing_messages`: the user stopped (or resumed)
+    marketing messages from this business number."""
+
+    phone_number_id: str
+    user_id: str
+    stop: bool  # value "stop"; False: "resume"
+    timestamp: int | None = None
+
+
+@dataclass(frozen=True)
 class ParsedWebhook:
     object: str
     messages: list[InboundMessage]  # in payload order; the engine sorts per user by timestamp
@@ -65,6 +77,8 @@ class ParsedWebhook:
     notes: list[str] = field(default_factory=list)  # what was ignored and why, for the log
     # Messages that break a bound (core.quarantine holds them); the rest of the body is accepted.
     rejected: list[RejectedMessage] = field(default_factory=list)
+    # `user_preferences` changes: users who stopped or resumed marketing messages.
+    preferences: list[MarketingPreference] = field(default_factory=list)
 
     @property
     def relevant(self) -> bool:
@@ -536,7 +550,29 @@ def _status_bounds(status: StatusUpdate) -> None:
     check_error_codes("status.errors", status.errors)
 
 
-def _parse_status(obj: Any, path: str, value: _Value) -> StatusUpdate:
+def _pricing(status: Json, path: str) -> tuple[Pricing | None, str | None]:
+    """Meta's `pricing` object (billable, pricing_model, category), or None; a malformed one comes back as the
+    reason to drop it instead: the delivery state it came with is kept, it is only the cost that goes unknown."""
+    doc = status.get("pricing")
+    if doc is None:
+        return None, None
+    where = f"{path}.pricing"
+    try:
+        doc = _as_dict(doc, where)
+        billable = doc.get("billable")
+        if billable is not None and not isinstance(billable, bool):
+            raise _wrong(f"{where}.billable", "a boolean", billable)
+        category, model = _opt_str(doc, "category", where), _opt_str(doc, "pricing_model", where)
+        check_optional_text("status.pricing.category", category, MAX_PRICING_CHARS)
+        check_optional_text("status.pricing.pricing_model", model, MAX_PRICING_CHARS)
+    except (PayloadError, OutOfBounds) as e:
+        return None, str(e)
+    if category is None and billable is None and model is None:
+        return None, None
+    return Pricing(category=category, billable=billable, model=model), None
+
+
+def _parse_status(obj: Any, path: str, value: _Value, notes: list[str]) -> StatusUpdate:
     status = _as_dict(obj, path)
     recipient_id, recipient_user_id = (
         _opt_str(status, "recipient_id", path),
@@ -546,6 +582,7 @@ def _parse_status(obj: Any, path: str, value: _Value) -> StatusUpdate:
     digits = _timestamp_digits(status, path)
     errors = _errors(status, path) or []
     opaque = _opt_str(status, "biz_opaque_callback_data", path)
+    pricing, pricing_problem = _pricing(status, path)
     if value.problem is not None:
         raise value.problem
     parsed: StatusUpdate = _build(
@@ -559,9 +596,12 @@ def _parse_status(obj: Any, path: str, value: _Value) -> StatusUpdate:
         recipient_id=recipient_id or recipient_user_id,
         errors=errors,
         biz_opaque_callback_data=opaque,
+        pricing=pricing,
         raw=status,
     )
     _status_bounds(parsed)
+    if pricing_problem is not None:
+        notes.append(f"{path}: pricing dropped, status kept: {pricing_problem}")
     return parsed
 
 
@@ -569,7 +609,7 @@ def _take_status(obj: Any, path: str, value: _Value, out: _Collected) -> None:
     # A status out of bounds is skipped, not quarantined: it moves no session, and the delivery record it would
     # update cannot hold its values anyway. Meta's own statuses never break a bound.
     try:
-        out.statuses.append(_parse_status(obj, path, value))
+        out.statuses.append(_parse_status(obj, path, value, out.notes))
     except PayloadError:
         raise
     except OutOfBounds as e:
@@ -593,6 +633,7 @@ class _Collected:
     statuses: list[StatusUpdate] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     rejected: list[RejectedMessage] = field(default_factory=list)
+    preferences: list[MarketingPreference] = field(default_factory=list)
 
 
 def _parse_value(doc: Json, path: str, out: _Collected, now: int | None) -> None:
@@ -625,8 +666,35 @@ def _parse_change(obj: Any, path: str, out: _Collected, now: int | None) -> None
         if value is None:
             raise PayloadError(f"{path}: missing 'value'")
         _parse_value(_as_dict(value, f"{path}.value"), f"{path}.value", out, now)
+    elif field_name == USER_PREFERENCES_FIELD and isinstance(value, dict):
+        _parse_preferences(value, f"{path}.value", out)
     else:
         out.notes.append(f"{path}: ignored field {_short(field_name)}")
+
+
+USER_PREFERENCES_FIELD = "user_preferences"
+MARKETING_CATEGORY = "marketing_messages"
+
+
+def _parse_preferences(doc: Json, path: str, out: _Collected) -> None:
+    """Meta's `user_preferences` webhook: `value.user_preferences[]` of {wa_id, category, value: stop|resume,
+    timestamp}. Entries of other categories or values are noted and ignored; a malformed one is skipped alone."""
+    phone_number_id = _phone_number_id(doc, path)
+    for i, obj in enumerate(_opt_list(doc, "user_preferences", path)):
+        where = f"{path}.user_preferences[{i}]"
+        try:
+            entry = _as_dict(obj, where)
+            category, choice = _opt_str(entry, "category", where), _opt_str(entry, "value", where)
+            if category != MARKETING_CATEGORY or choice not in ("stop", "resume"):
+                out.notes.append(f"{where}: ignored preference {_short(category)}={_short(choice)}")
+                continue
+            stamp = entry.get("timestamp")  # seconds as a string, like a message's
+            out.preferences.append(MarketingPreference(
+                phone_number_id, _req_str(entry, "wa_id", where), choice == "stop",
+                int(stamp) if isinstance(stamp, str) and stamp.isdigit() and len(stamp) < 12 else None,
+            ))
+        except PayloadError as e:
+            out.notes.append(f"{where}: preference skipped: {e}")
 
 
 def _echoable(name: str) -> str:
@@ -655,5 +723,6 @@ def _parse(raw: bytes, now: int | None) -> ParsedWebhook:
         for j, change in enumerate(_opt_list(entry, "changes", f"entry[{i}]")):
             _parse_change(change, f"entry[{i}].changes[{j}]", out, now)
     return ParsedWebhook(
-        object=obj, messages=out.messages, statuses=out.statuses, notes=out.notes, rejected=out.rejected
+        object=obj, messages=out.messages, statuses=out.statuses, notes=out.notes, rejected=out.rejected,
+        preferences=out.preferences,
     )

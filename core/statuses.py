@@ -90,10 +90,29 @@ def _record(conn: Connection, status: StatusUpdate, now: datetime) -> int:
             where=MessageStatus.rank < stmt.excluded.rank,
         )
         conn.execute(stmt)
+        _record_pricing(conn, status)
     _link_outbox(conn, status, at)
     if status.status == "failed":
         _on_failed(conn, status, code, at)
     return int(new)
+
+
+def _record_pricing(conn: Connection, status: StatusUpdate) -> None:
+    """Meta's pricing of the message (campaign cost), whatever the status's rank: a late "delivered" after "read"
+    may be the one that carries it. A status without pricing (or without one of its fields) leaves it as it was."""
+    pricing = status.pricing
+    if pricing is None:
+        return
+    values = {
+        column: value
+        for column, value in (
+            ("pricing_category", pricing.category),
+            ("pricing_billable", pricing.billable),
+            ("pricing_model", pricing.model),
+        )
+        if value is not None
+    }
+    conn.execute(update(MessageStatus).where(MessageStatus.wamid == status.wamid).values(**values))
 
 
 def _link_outbox(conn: Connection, status: StatusUpdate, at: datetime) -> None:

@@ -8,6 +8,7 @@ from datetime import UTC, date, datetime, time, timedelta
 import pandas as pd
 import streamlit as st
 
+from core import csvsafe
 from core.analytics import Filters
 from core.auth import mask_number
 from dashboard import data
@@ -36,6 +37,12 @@ def masked(frame: pd.DataFrame, columns: Iterable[str] = NUMBER_COLUMNS) -> pd.D
         if column in out.columns:
             out[column] = out[column].map(mask_number)
     return out
+
+
+def table(frame: pd.DataFrame, **options: object) -> None:
+    """A table of values users or operators typed (names, texts, ids): shown as its own "Download as CSV" writes
+    them, with formula-like cells neutralised (core.csvsafe), so that download is as safe as our CSV exports."""
+    st.dataframe(csvsafe.safe_frame(frame), **options)
 
 
 def no_traffic() -> bool:

@@ -239,6 +239,11 @@ def campaign_preview(database_url: str, campaign_id: int, at: datetime) -> pd.Da
     return campaigns.preview_targets(_database(database_url), campaign_id, at)
 
 
+@st.cache_data(ttl=TTL, show_spinner=False)
+def campaign_costs(database_url: str, campaign_id: int) -> pd.DataFrame:
+    return campaigns.campaign_costs(_database(database_url), campaign_id)
+
+
 # ---------------------------------------------------------------------------------------- operator actions
 # Never cached: an operator acts on what is there now. Each action returns its one-line summary (or raises
 # core.operator.OperatorError with the refusal) and clears the caches, so every page shows the change at once.

@@ -1,10 +1,13 @@
 """Queue follow-ups to users stalled in a campaign's step: exactly one outbox message per attempt.
 
-For each active campaign outside its quiet hours: sessions in (flow, step), status active, whose last
+For each active campaign: sessions in (flow, step), status active, whose last
 message is older than the delay, not opted out, with fewer than `max_sends` follow-ups of this campaign
 since that message (a reply restarts the count; a 131047 failure does not count, so a template may follow).
 `core.campaigns.plan_followup` decides text (inside the 24 h window), template (outside it), or skip (a
-template is needed and none is configured: recorded with the reason, never retried in that stall).
+template is needed and none is configured: recorded with the reason, never retried in that stall). Quiet hours
+are the user's own (their number's timezone), so a campaign runs around the clock and each user waits for their
+morning. The guardrails (core.campaigns.guardrails) are read once per batch: a user over the frequency cap, or a
+template to a user who stopped marketing messages, is skipped with the reason.
 
 Exactly once, even when two runs overlap or one crashes midway: each session is written in its own short
 transaction that inserts the FollowUp row (unique campaign + session + attempt) and its outbox row (unique
@@ -28,7 +31,7 @@ from core.campaigns import (
     SessionFacts,
     facts_of,
     history_of,
-    in_quiet_hours,
+    load_guards,
     load_histories,
     plan_followup,
     stall_filter,
@@ -46,15 +49,15 @@ def run_followups(
     totals: Counter[str] = Counter()
     with db.session() as s:
         campaigns = list(s.scalars(select(Campaign).where(Campaign.active.is_(True)).order_by(Campaign.id)))
+    cap = (settings.followup_cap, timedelta(seconds=settings.followup_cap_window_seconds))
     for campaign in campaigns:
-        if in_quiet_hours(campaign, now):
-            totals["campaigns_quiet"] += 1
-            continue
-        totals.update(run_campaign(db, campaign, now, batch_size or settings.followups_batch_size))
+        totals.update(run_campaign(db, campaign, now, batch_size or settings.followups_batch_size, cap))
     return dict(totals)
 
 
-def run_campaign(db: Database, campaign: Campaign, now: datetime, batch_size: int) -> Counter[str]:
+def run_campaign(
+    db: Database, campaign: Campaign, now: datetime, batch_size: int, cap: tuple[int, timedelta]
+) -> Counter[str]:
     counts: Counter[str] = Counter()
     after: tuple[datetime, str, str] | None = None
     while True:
@@ -64,9 +67,11 @@ def run_campaign(db: Database, campaign: Campaign, now: datetime, batch_size: in
         with db.session() as s:
             keys = [(x.phone_number_id, x.user_id) for x in sessions]
             histories = load_histories(s, campaign.id, keys)
+            guards = load_guards(s, keys, now, *cap)
         for facts in sessions:
-            history = history_of(histories.get((facts.phone_number_id, facts.user_id), []), facts.last_inbound_at)
-            plan = plan_followup(campaign, facts, history, now)
+            key = (facts.phone_number_id, facts.user_id)
+            history = history_of(histories.get(key, []), facts.last_inbound_at)
+            plan = plan_followup(campaign, facts, history, now, guards[key])
             if plan.action == "none" or plan.due_at is None or plan.due_at > now:
                 counts["not_due"] += 1
                 continue

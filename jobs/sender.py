@@ -8,10 +8,14 @@ or was sent less than `send_user_spacing_seconds` ago.
 Recheck: a follow-up (a campaign row) may leave long after it was queued, so every try of one is checked
 again (`core.campaigns.recheck_followup`) against the session, its FollowUp row and the campaign, in the
 transaction that commits `send_started_at` right before the HTTP call. It is cancelled when the user replied,
-moved on, completed the flow or opted out, or the campaign is paused; a free text whose 24 h window closed since
+moved on, completed the flow or opted out, or the campaign is paused, and a template when the user stopped
+marketing messages (marketing_optouts) since it was queued; a free text whose 24 h window closed since
 queueing is switched to the campaign's template (or cancelled without one). The session row is read FOR SHARE
 (PostgreSQL), so a message being applied right now is waited for rather than missed; messages stored but not yet
 applied count as a reply too. Replies to a user's own messages are never rechecked: they always go.
+
+Meta's 131050 on a send (the user stopped marketing messages) fails that message and records the user in
+marketing_optouts in the same transaction, so no campaign template goes to them again until they resume.
 
 Send: rows are grouped per user (sent in order, spaced) and the groups spread over `send_workers`
 threads; a per-business-number rate limiter keeps each number under `send_rate_per_second`. One sender runs
@@ -48,14 +52,15 @@ from sqlalchemy.orm import Session, aliased
 from core import logsafe, metrics
 from core.campaigns import LiveSession, QueuedFollowUp, Recheck, facts_of, recheck_followup
 from core.config import Settings
-from core.db import Database
+from core.db import Database, insert_for
 from core.messages import FLOW_KINDS
-from core.models import Campaign, ChatSession, FollowUp, InboundEvent, Outbox, SenderPause
+from core.models import Campaign, ChatSession, FollowUp, InboundEvent, MarketingOptOut, Outbox, SenderPause
 from core.whatsapp import ErrorClass, GraphClient, SendResult, pause_sending, refresh_pause_gauge
 
 log = logging.getLogger(__name__)
 
 SLOW_RETRY_CAP = timedelta(days=1)
+MARKETING_OPTED_OUT_CODE = 131050  # the user stopped marketing messages from this business
 
 
 @dataclass(frozen=True)
@@ -319,6 +324,13 @@ class _Run:
                     )
                     .values(window_closed_at=now)
                 )
+            if result.error_code == MARKETING_OPTED_OUT_CODE:
+                conn.execute(
+                    insert_for(self.db.engine.dialect.name)(MarketingOptOut)
+                    .values(phone_number_id=row.phone_number_id, user_id=row.user_id, source="error_131050",
+                            opted_out_at=now)
+                    .on_conflict_do_nothing(index_elements=["phone_number_id", "user_id"])
+                )
         return outcome
 
     def _failure(self, row: Claimed, result: SendResult, attempts: int, now: datetime) -> tuple[str, dict[str, Any]]:
@@ -391,6 +403,7 @@ def _recheck(s: Session, row: Claimed, now: datetime) -> tuple[Recheck, FollowUp
         live = LiveSession(
             flow=session.flow, current_step=session.current_step, status=session.status,
             archived_from=session.archived_from, facts=facts_of(session), pending_inbound_at=_pending_at(s, row),
+            marketing_opted_out=s.get(MarketingOptOut, (row.phone_number_id, row.user_id)) is not None,
         )
     return recheck_followup(campaign, queued, live, now), followup
 

@@ -475,5 +475,23 @@ ALTER TABLE inbound_events ADD COLUMN apply_error TEXT;
 
 UPDATE alembic_version SET version_num='0009' WHERE alembic_version.version_num = '0008';
 
+-- Running upgrade 0009 -> 0010
+
+ALTER TABLE message_status ADD COLUMN pricing_category VARCHAR(32);
+
+ALTER TABLE message_status ADD COLUMN pricing_billable BOOLEAN;
+
+ALTER TABLE message_status ADD COLUMN pricing_model VARCHAR(32);
+
+CREATE TABLE marketing_optouts (
+    phone_number_id VARCHAR(64) NOT NULL, 
+    user_id VARCHAR(128) NOT NULL, 
+    source VARCHAR(32) NOT NULL, 
+    opted_out_at TIMESTAMP WITH TIME ZONE NOT NULL, 
+    PRIMARY KEY (phone_number_id, user_id)
+);
+
+UPDATE alembic_version SET version_num='0010' WHERE alembic_version.version_num = '0009';
+
 COMMIT;
 

@@ -27,7 +27,7 @@ from sqlalchemy import text
 
 from core.db import Database
 from core.signature import sign
-from tests.test_webhook_e2e import SECRET, Server, fresh_database, server_env
+from tests.test_webhook_e2e import SECRET, Server, served_database
 
 PN = "100000000000111"
 TS = 1767268800
@@ -40,18 +40,8 @@ Json = dict[str, Any]
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, flows_dir: Path
 ) -> Iterator[tuple[Server, Database]]:
-    tmp = tmp_path_factory.mktemp("fuzz")
-    pg = request.getfixturevalue("pg_server") if request.param == "postgresql" else None
-    template = request.getfixturevalue("sqlite_template") if request.param == "sqlite" else None
-    url, cleanup = fresh_database(request.param, pg, tmp, template)
-    server = Server(server_env(url, flows_dir), tmp / "server.log").start()
-    db = Database(url)
-    try:
-        yield server, db
-    finally:
-        db.dispose()
-        server.stop()
-        cleanup()
+    with served_database(request, request.param, tmp_path_factory.mktemp("fuzz"), flows_dir) as served:
+        yield served
 
 
 # ---------------------------------------------------------------------------------------------- bodies

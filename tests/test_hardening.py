@@ -37,7 +37,7 @@ from core.signature import sign
 from core.webhook import create_app
 from tests import factories as f
 from tests.conftest import ROOT, RUN_ID, PgServer, free_port, make_settings
-from tests.test_webhook_e2e import SECRET, Server, fresh_database, server_env, text_body
+from tests.test_webhook_e2e import SECRET, Server, served_database, server_env, text_body
 
 # ------------------------------------------------------------------------------------------------ CSV
 # A flow whose step names and a user id are formulas: every CSV that shows them must quote them.
@@ -264,18 +264,10 @@ def head_of(answer: bytes) -> tuple[int, dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def http_server(tmp_path_factory: pytest.TempPathFactory, flows_dir: Path,
-                sqlite_template: Path) -> Iterator[tuple[Server, Database]]:
-    tmp = tmp_path_factory.mktemp("hardening-http")
-    url, cleanup = fresh_database("sqlite", None, tmp, sqlite_template)
-    server = Server(server_env(url, flows_dir), tmp / "server.log").start()
-    db = Database(url)
-    try:
-        yield server, db
-    finally:
-        db.dispose()
-        server.stop()
-        cleanup()
+def http_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
+                flows_dir: Path) -> Iterator[tuple[Server, Database]]:
+    with served_database(request, "sqlite", tmp_path_factory.mktemp("hardening-http"), flows_dir) as served:
+        yield served
 
 
 def test_request_heads_are_capped(http_server: tuple[Server, Database]) -> None:

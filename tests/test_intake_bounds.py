@@ -40,7 +40,13 @@ from core.signature import sign
 from core.views import session_view
 from tests.conftest import make_settings
 from tests.test_cli import run
-from tests.test_webhook_e2e import SECRET, Server, fresh_database, server_env, transitions_by_wamid, wait_applied
+from tests.test_webhook_e2e import (
+    SECRET,
+    Server,
+    served_database,
+    transitions_by_wamid,
+    wait_applied,
+)
 
 PN = "100000000000111"
 TS = 1767268800
@@ -284,18 +290,9 @@ def test_statuses_of_a_huge_post_are_recorded_in_turns_with_other_posts(db: Data
 def served(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, flows_dir: Path
 ) -> Iterator[tuple[Server, Database, Settings]]:
-    tmp = tmp_path_factory.mktemp("bounds")
-    pg = request.getfixturevalue("pg_server") if request.param == "postgresql" else None
-    template = request.getfixturevalue("sqlite_template") if request.param == "sqlite" else None
-    url, cleanup = fresh_database(request.param, pg, tmp, template)
-    server = Server(server_env(url, flows_dir), tmp / "server.log").start()
-    db = Database(url)
-    try:
-        yield server, db, make_settings(url, flows_dir, default_flow="counter")
-    finally:
-        db.dispose()
-        server.stop()
-        cleanup()
+    with served_database(request, request.param, tmp_path_factory.mktemp("bounds"), flows_dir) as (server, db):
+        yield server, db, make_settings(str(db.url.render_as_string(hide_password=False)), flows_dir,
+                                        default_flow="counter")
 
 
 def post_all(server: Server, bodies: list[bytes]) -> list[tuple[int, Json]]:

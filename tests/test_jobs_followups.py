@@ -146,11 +146,12 @@ def test_quiet_hours_defer_to_their_end_in_the_campaign_timezone(engine: Engine,
     night = datetime(2026, 1, 15, 22, 30, tzinfo=UTC)  # 23:30 in Madrid
     stall(engine, "u1", night - timedelta(hours=3))
     c = campaign(db, registry, quiet_start="21:00", quiet_end="08:00", timezone="Europe/Madrid")
-    assert run_followups(db, settings, night) == {"campaigns_quiet": 1}
+    # Quiet hours are per user now ("u1" has no number's zone: the campaign's timezone is the fallback).
+    assert run_followups(db, settings, night) == {"not_due": 1}
     assert followup_outbox(db) == []
     preview = api.preview_targets(db, c.id, night)
     assert preview.loc[0, "due_at"] == datetime(2026, 1, 16, 7, 0, tzinfo=UTC)  # 08:00 Madrid
-    assert run_followups(db, settings, datetime(2026, 1, 16, 6, 59, tzinfo=UTC)) == {"campaigns_quiet": 1}
+    assert run_followups(db, settings, datetime(2026, 1, 16, 6, 59, tzinfo=UTC)) == {"not_due": 1}
     assert run_followups(db, settings, datetime(2026, 1, 16, 7, 0, 1, tzinfo=UTC)) == {"queued_text": 1}
 
 

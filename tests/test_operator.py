@@ -27,7 +27,7 @@ from core.views import session_view
 from tests import factories as f
 from tests.conftest import ROOT, make_settings
 from tests.test_cli import one_error_line, run
-from tests.test_webhook_e2e import ADMIN, Server, fresh_database, server_env, text_body, wait_applied
+from tests.test_webhook_e2e import ADMIN, Server, served_database, text_body, wait_applied
 
 DATA = Path(__file__).parent / "data" / "operator"
 PN = f.PHONE
@@ -366,18 +366,9 @@ def test_cli_quarantine_list_retry_drop_and_outbound_resolve(
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 def api(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
         flows_dir: Path) -> Iterator[tuple[Server, Database]]:
-    tmp = tmp_path_factory.mktemp("operator-api")
-    pg = request.getfixturevalue("pg_server") if request.param == "postgresql" else None
-    template = request.getfixturevalue("sqlite_template") if request.param == "sqlite" else None
-    url, cleanup = fresh_database(request.param, pg, tmp, template)
-    server = Server(server_env(url, flows_dir, DEFAULT_FLOW="lead_qualification"), tmp / "server.log").start()
-    db = Database(url)
-    try:
-        yield server, db
-    finally:
-        db.dispose()
-        server.stop()
-        cleanup()
+    with served_database(request, request.param, tmp_path_factory.mktemp("operator-api"), flows_dir,
+                         DEFAULT_FLOW="lead_qualification") as served:
+        yield served
 
 
 def post(server: Server, path: str, body: dict[str, Any], headers: dict[str, str] | None = None) -> Any:

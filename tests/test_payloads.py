@@ -310,15 +310,18 @@ def status(wamid: str, status: str, timestamp: int, **fields: Any) -> dict[str, 
         "recipient_id": USER,
         "errors": [],
         "biz_opaque_callback_data": None,
+        "pricing": None,
     }
     return expected | fields
 
 
 HREF = "https://developers.facebook.com/docs/whatsapp/cloud-api/support/error-codes/"
+SERVICE_PRICING = {"category": "service", "billable": True, "model": "PMP"}
 STATUS_CASES: dict[str, list[dict[str, Any]]] = {
     "statuses": [
-        status(OUT_WAMID, "sent", TS + 1, biz_opaque_callback_data="campaign=nudge;step=ask_email"),
-        status(OUT_WAMID, "delivered", TS + 2),
+        status(OUT_WAMID, "sent", TS + 1, biz_opaque_callback_data="campaign=nudge;step=ask_email",
+               pricing=SERVICE_PRICING),
+        status(OUT_WAMID, "delivered", TS + 2, pricing=SERVICE_PRICING),
         status(OUT_WAMID, "read", TS + 3),
     ],
     "status_failed_131047": [

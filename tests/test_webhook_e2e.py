@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -173,15 +174,15 @@ def fresh_database(backend: str, pg: PgServer | None, tmp: Path, sqlite_template
     return url, lambda: pg.drop(name)
 
 
-@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def live(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, flows_dir: Path
-) -> Iterator[tuple[Server, Database]]:
-    tmp = tmp_path_factory.mktemp("e2e")
-    pg = request.getfixturevalue("pg_server") if request.param == "postgresql" else None
-    template = request.getfixturevalue("sqlite_template") if request.param == "sqlite" else None
-    url, cleanup = fresh_database(request.param, pg, tmp, template)
-    server = Server(server_env(url, flows_dir), tmp / "server.log").start()
+@contextmanager
+def served_database(request: pytest.FixtureRequest, backend: str, tmp: Path, flows_dir: Path,
+                    **env: str) -> Iterator[tuple[Server, Database]]:
+    """A real server on a migrated database of its own (`backend`: sqlite or postgresql), and that database;
+    both gone afterwards. For module-scoped fixtures: one server start per module and backend."""
+    pg = request.getfixturevalue("pg_server") if backend == "postgresql" else None
+    template = request.getfixturevalue("sqlite_template") if backend == "sqlite" else None
+    url, cleanup = fresh_database(backend, pg, tmp, template)
+    server = Server(server_env(url, flows_dir, **env), tmp / "server.log").start()
     db = Database(url)
     try:
         yield server, db
@@ -189,6 +190,14 @@ def live(
         db.dispose()
         server.stop()
         cleanup()
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def live(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, flows_dir: Path
+) -> Iterator[tuple[Server, Database]]:
+    with served_database(request, request.param, tmp_path_factory.mktemp("e2e"), flows_dir) as served:
+        yield served
 
 
 @pytest.fixture

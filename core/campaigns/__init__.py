@@ -7,6 +7,7 @@ the pure rule the sender (`jobs/sender.py`) applies right before each try of a f
 template, or cancel.
 """
 
+from core.campaigns.guardrails import UserGuard, user_timezone
 from core.campaigns.planning import (
     FollowUpPlan,
     History,
@@ -24,12 +25,16 @@ from core.campaigns.recheck import (
     recheck_followup,
 )
 from core.campaigns.results import (
+    COST_COLUMNS,
     PREVIEW_COLUMNS,
     RECOVERING_OUTCOMES,
     RESULT_COLUMNS,
+    CostEstimate,
+    campaign_costs,
     campaign_results,
     cancellations_by_reason,
     failures_by_code,
+    preview_cost,
     preview_targets,
 )
 from core.campaigns.spec import (
@@ -45,11 +50,21 @@ from core.campaigns.spec import (
     spec_of,
     update_campaign,
 )
-from core.campaigns.targeting import FACT_COLUMNS, PastFollowUp, facts_of, history_of, load_histories, stall_filter
+from core.campaigns.targeting import (
+    FACT_COLUMNS,
+    PastFollowUp,
+    facts_of,
+    history_of,
+    load_guards,
+    load_histories,
+    stall_filter,
+)
 
 __all__ = [
     "CANCEL_REASONS",
+    "COST_COLUMNS",
     "CampaignSpec",
+    "CostEstimate",
     "FACT_COLUMNS",
     "FollowUpPlan",
     "History",
@@ -64,6 +79,7 @@ __all__ = [
     "WINDOW_CLOSED_CODE",
     "WINDOW_SAFETY",
     "build_spec",
+    "campaign_costs",
     "campaign_results",
     "cancellations_by_reason",
     "create_campaign",
@@ -73,9 +89,11 @@ __all__ = [
     "history_of",
     "in_quiet_hours",
     "list_campaigns",
+    "load_guards",
     "load_histories",
     "parse_duration",
     "plan_followup",
+    "preview_cost",
     "preview_targets",
     "quiet_end_after",
     "recheck_followup",
@@ -83,5 +101,7 @@ __all__ = [
     "spec_of",
     "stall_filter",
     "update_campaign",
+    "UserGuard",
+    "user_timezone",
     "window_expires",
 ]

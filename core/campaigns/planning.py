@@ -1,4 +1,5 @@
-"""When and how a stalled session gets a follow-up: pure rules (quiet hours, 24 h window, templates).
+"""When and how a stalled session gets a follow-up: pure rules (quiet hours, 24 h window, templates, and the
+guardrails of core.campaigns.guardrails: frequency cap, quiet hours in the user's local time, marketing opt-out).
 
 Placeholders of the text and template parameters are filled strictly (core.placeholders.render_strict): a
 user without a value for a placeholder that has no fallback is skipped with the reason, so no `{...}` is sent.
@@ -11,6 +12,7 @@ from datetime import datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
+from core.campaigns.guardrails import MARKETING_OPTED_OUT, NO_GUARD, UserGuard, cap_reason, user_timezone
 from core.campaigns.spec import SESSION_FIELDS, WINDOW_SAFETY, CampaignLike
 from core.errors import WaflowError
 from core.machine import TEXT_BODY_MAX
@@ -52,22 +54,23 @@ class FollowUpPlan:
     template: str | None = None
 
 
-def in_quiet_hours(campaign: CampaignLike, at: datetime) -> bool:
+def in_quiet_hours(campaign: CampaignLike, at: datetime, zone: str | None = None) -> bool:
+    """In the campaign's quiet hours at `at`, read in `zone` (the user's; None: the campaign's timezone)."""
     if not campaign.quiet_start or not campaign.quiet_end:
         return False
-    local = at.astimezone(ZoneInfo(campaign.timezone)).time()
+    local = at.astimezone(ZoneInfo(zone or campaign.timezone)).time()
     start, end = _hhmm(campaign.quiet_start), _hhmm(campaign.quiet_end)
     if start == end:
         return False
     return start <= local < end if start < end else (local >= start or local < end)
 
 
-def quiet_end_after(campaign: CampaignLike, at: datetime) -> datetime:
-    """`at` itself when it is outside quiet hours, else the first moment after them."""
-    if not in_quiet_hours(campaign, at):
+def quiet_end_after(campaign: CampaignLike, at: datetime, zone_name: str | None = None) -> datetime:
+    """`at` itself when it is outside quiet hours (read in `zone_name`), else the first moment after them."""
+    if not in_quiet_hours(campaign, at, zone_name):
         return at
     assert campaign.quiet_end is not None
-    zone = ZoneInfo(campaign.timezone)
+    zone = ZoneInfo(zone_name or campaign.timezone)
     local = at.astimezone(zone)
     end = _hhmm(campaign.quiet_end)
     candidate = datetime.combine(local.date(), end, tzinfo=zone)
@@ -96,21 +99,24 @@ def window_expires(facts: SessionFacts) -> datetime | None:
     return facts.last_inbound_at + SERVICE_WINDOW
 
 
-def plan_followup(campaign: CampaignLike, facts: SessionFacts, history: History, now: datetime) -> FollowUpPlan:
-    """When and how this session gets its next follow-up from this campaign (pure: no I/O, no clock)."""
+def plan_followup(
+    campaign: CampaignLike, facts: SessionFacts, history: History, now: datetime, guard: UserGuard = NO_GUARD
+) -> FollowUpPlan:
+    """When and how this session gets its next follow-up from this campaign (pure: no I/O, no clock). `guard`:
+    the user's follow-ups of every campaign in the cap window and marketing opt-out (read by the caller)."""
     delay = timedelta(seconds=campaign.delay_seconds)
     due = facts.last_inbound_at + delay
     if history.sent_this_stall and history.last_sent_at is not None:
         due = max(due, history.last_sent_at + delay)
-    due = quiet_end_after(campaign, max(due, now))
+    due = quiet_end_after(campaign, max(due, now), user_timezone(facts.user_id, campaign.timezone))
     expires = window_expires(facts)
     window_open = expires is not None and expires > due + WINDOW_SAFETY
-    if facts.opted_out:
-        return FollowUpPlan(None, "none", "opted out", window_open)
-    if history.sent_this_stall >= campaign.max_sends:
-        return FollowUpPlan(None, "none", f"max sends reached ({campaign.max_sends})", window_open)
-    if history.skipped_this_stall:
-        return FollowUpPlan(None, "none", "skipped earlier in this stall", window_open)
+    blocked = _blocked(campaign, facts, history)
+    if blocked is not None:
+        return FollowUpPlan(None, "none", blocked, window_open)
+    capped = cap_reason(guard)
+    if capped is not None:
+        return FollowUpPlan(due, "skip", capped, window_open)
     if window_open and campaign.text:
         try:
             text = render_strict(campaign.text, placeholder_values(facts))[:TEXT_BODY_MAX]
@@ -118,10 +124,23 @@ def plan_followup(campaign: CampaignLike, facts: SessionFacts, history: History,
             return FollowUpPlan(due, "skip", str(e), window_open)
         body = {"type": "text", "text": {"body": text}}
         return FollowUpPlan(due, "text", None, window_open, kind="text", body=body, text=text)
+    if campaign.template_name and guard.marketing_opted_out:
+        return FollowUpPlan(due, "skip", MARKETING_OPTED_OUT, window_open)
     if campaign.template_name:
         return _template_plan(campaign, facts, due, window_open)
     reason = "outside the 24 h window and no template configured"
     return FollowUpPlan(due, "skip", reason, window_open)
+
+
+def _blocked(campaign: CampaignLike, facts: SessionFacts, history: History) -> str | None:
+    """Why nothing more goes to this session in this stall, or None."""
+    if facts.opted_out:
+        return "opted out"
+    if history.sent_this_stall >= campaign.max_sends:
+        return f"max sends reached ({campaign.max_sends})"
+    if history.skipped_this_stall:
+        return "skipped earlier in this stall"
+    return None
 
 
 def _template_plan(campaign: CampaignLike, facts: SessionFacts, due: datetime, window_open: bool) -> FollowUpPlan:

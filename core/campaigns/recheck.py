@@ -7,7 +7,9 @@ follow-up may have left the 24 h customer-service window. The sender (jobs/sende
 on every try, in the transaction that marks the try started, and sends, switches to the template, or cancels.
 
 The first matching cause wins, most telling first: no session (or campaign), opted out, completed, moved to
-another step, replied (still in the step), campaign paused; only then the window. Archived sessions are ordinary
+another step, replied (still in the step), campaign paused, a template to a user who stopped marketing messages
+since it was queued (core.campaigns.guardrails); only then the window (a free text switched to the template is
+cancelled for that user too). Archived sessions are ordinary
 sessions here (archived means idle, still in its step: core.lifecycle).
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+from core.campaigns.guardrails import MARKETING_OPTED_OUT
 from core.campaigns.planning import FollowUpPlan, SessionFacts, _template_plan, window_expires
 from core.campaigns.spec import CampaignLike
 
@@ -28,6 +31,7 @@ CANCEL_REASONS = {
     "replied": "user replied",
     "no_campaign": "campaign no longer exists",
     "paused": "campaign paused",
+    "marketing_opted_out": MARKETING_OPTED_OUT,
     "window_closed": "24 h window closed and no template configured",
 }
 
@@ -54,6 +58,7 @@ class LiveSession:
     # WhatsApp time of the newest message stored but not applied yet: the user wrote even if the engine has not
     # caught up.
     pending_inbound_at: datetime | None = None
+    marketing_opted_out: bool = False  # a row in marketing_optouts for this user and business number
 
 
 @dataclass(frozen=True)
@@ -80,7 +85,7 @@ def recheck_followup(
         return cancel(cause)
     if followup.kind != "text" or window_open(session.facts, now):
         return SEND
-    return _template_instead(campaign, session.facts, now)
+    return _template_instead(campaign, session, now)
 
 
 def cancel(cause: str) -> Recheck:
@@ -98,6 +103,8 @@ def _unwanted(campaign: CampaignLike, followup: QueuedFollowUp, session: LiveSes
         return "replied"
     if not campaign.active:
         return "paused"
+    if followup.kind == "template" and session.marketing_opted_out:
+        return "marketing_opted_out"
     return None
 
 
@@ -121,10 +128,12 @@ def window_open(facts: SessionFacts, now: datetime) -> bool:
     return expires is not None and expires > now
 
 
-def _template_instead(campaign: CampaignLike, facts: SessionFacts, now: datetime) -> Recheck:
+def _template_instead(campaign: CampaignLike, session: LiveSession, now: datetime) -> Recheck:
     if not campaign.template_name:
         return cancel("window_closed")
-    plan = _template_plan(campaign, facts, now, False)
+    if session.marketing_opted_out:
+        return cancel("marketing_opted_out")
+    plan = _template_plan(campaign, session.facts, now, False)
     if plan.action != "template":
         return Recheck("cancel", "window_closed", plan.reason or CANCEL_REASONS["window_closed"])
     return Recheck("template", plan=plan)

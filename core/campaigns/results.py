@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from itertools import groupby
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,8 @@ from sqlalchemy import (
 
 from core.campaigns.planning import SessionFacts, plan_followup
 from core.campaigns.spec import CampaignLike, CampaignSpec, get_campaign, list_campaigns
-from core.campaigns.targeting import FACT_COLUMNS, PastFollowUp, facts_of, history_of, stall_filter
+from core.campaigns.targeting import FACT_COLUMNS, PastFollowUp, facts_of, history_of, load_guards, stall_filter
+from core.config import get_settings
 from core.db import Database
 from core.models import Campaign, ChatSession, FollowUp, MessageStatus, MessageStatusEvent, Outbox, Transition
 
@@ -46,9 +48,14 @@ def preview_targets(
     import pandas as pd
     target: CampaignLike = campaign if isinstance(campaign, CampaignSpec) else get_campaign(db, campaign)
     rows = []
-    for facts, past in _stalled_with_histories(db, target, limit):
+    stalled = list(_stalled_with_histories(db, target, limit))
+    settings = get_settings()
+    with db.engine.connect() as conn:  # the guardrails' inputs (frequency cap, marketing opt-out), as the job reads
+        guards = load_guards(conn, [(f.phone_number_id, f.user_id) for f, _ in stalled], now, settings.followup_cap,
+                             timedelta(seconds=settings.followup_cap_window_seconds))
+    for facts, past in stalled:
         history = history_of(past, facts.last_inbound_at)
-        plan = plan_followup(target, facts, history, now)
+        plan = plan_followup(target, facts, history, now, guards[(facts.phone_number_id, facts.user_id)])
         rows.append({
             "phone_number_id": facts.phone_number_id, "user_id": facts.user_id, "language": facts.language,
             "last_inbound_at": facts.last_inbound_at, "due_at": plan.due_at,
@@ -97,6 +104,9 @@ RESULT_COLUMNS = [
 ]
 # An answer that moves the user out of the follow-up's step (the counterpart of "stalled there").
 RECOVERING_OUTCOMES = ("advanced", "completed")
+COST_COLUMNS = ["category", "messages", "billable"]
+# The category of a message whose statuses carried no pricing (yet): Meta sends it with sent/delivered.
+NO_PRICING = "not reported"
 
 
 def _plus_seconds(db: Database, at: Any, seconds: Any) -> Any:
@@ -244,3 +254,47 @@ def _status_titles(conn: Any, wamids: list[str]) -> dict[str, str]:
             if isinstance(error, dict) and error.get("title"):
                 titles[wamid] = str(error["title"])
     return titles
+
+
+@dataclass(frozen=True)
+class CostEstimate:
+    """What a preview would send: templates (paid, billed by their category), free-form messages (free inside
+    the 24 h customer service window) and sessions that would get nothing (skipped or not eligible)."""
+
+    templates: int
+    free_form: int
+    skipped: int
+
+    def describe(self) -> str:
+        return (f"{self.templates:,} template send(s) (paid), {self.free_form:,} free-form send(s) (free inside "
+                f"the 24 h window), {self.skipped:,} skipped")
+
+
+def preview_cost(frame: pd.DataFrame) -> CostEstimate:
+    """The cost side of `preview_targets`: its rows counted by `would_send_as`."""
+    counts = frame["would_send_as"].value_counts()
+    templates, free_form = int(counts.get("template", 0)), int(counts.get("text", 0))
+    return CostEstimate(templates=templates, free_form=free_form, skipped=len(frame) - templates - free_form)
+
+
+def campaign_costs(db: Database, campaign: int | str) -> pd.DataFrame:
+    """The campaign's follow-up messages Meta reported on, by pricing category (most messages first): messages
+    and how many of them are billable. A message whose statuses carried no pricing counts as "not reported"."""
+    import pandas as pd
+    target = get_campaign(db, campaign)
+    billable = func.count().filter(MessageStatus.pricing_billable.is_(True))
+    stmt = (
+        select(MessageStatus.pricing_category, func.count(), billable)
+        .select_from(FollowUp)
+        .join(Outbox, Outbox.id == FollowUp.outbox_id)
+        .join(MessageStatus, MessageStatus.wamid == Outbox.wamid)
+        .where(FollowUp.campaign_id == target.id)
+        .group_by(MessageStatus.pricing_category)
+    )
+    with db.engine.connect() as conn:
+        rows = conn.execute(stmt).all()
+    frame = pd.DataFrame(
+        [{"category": category or NO_PRICING, "messages": int(n), "billable": int(paid)} for category, n, paid in rows],
+        columns=COST_COLUMNS,
+    )
+    return frame.sort_values(["messages", "category"], ascending=[False, True], ignore_index=True)

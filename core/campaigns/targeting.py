@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
     Row,
+    func,
+    or_,
     select,
 )
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from core.campaigns.guardrails import UserGuard
 from core.campaigns.planning import History, SessionFacts
 from core.campaigns.spec import WINDOW_CLOSED_CODE, CampaignLike
 from core.lifecycle import in_progress
-from core.models import ChatSession, FollowUp, Outbox
+from core.models import ChatSession, FollowUp, MarketingOptOut, Outbox
 
 
 def stall_filter(campaign: CampaignLike) -> list[Any]:
@@ -95,3 +98,32 @@ def load_histories(
         past = PastFollowUp(row.attempt, row.status, row.stalled_since, row.created_at, row.error_code)
         found.setdefault((row.phone_number_id, row.user_id), []).append(past)
     return found
+
+
+def load_guards(
+    s: Session | Connection, keys: list[tuple[str, str]], now: datetime, cap: int, window: timedelta
+) -> dict[tuple[str, str], UserGuard]:
+    """Each session's guardrail inputs (core.campaigns.guardrails), for a whole batch: the follow-ups of every
+    campaign queued to the user in the window (skipped, cancelled and failed ones never reached them) and the
+    marketing opt-out. Two statements per batch, whatever its size."""
+    if not keys:
+        return {}
+    users = {user for _, user in keys}
+    f = FollowUp
+    counted = (
+        select(f.phone_number_id, f.user_id, func.count())
+        .outerjoin(Outbox, Outbox.id == f.outbox_id)
+        .where(
+            f.user_id.in_(users), f.status == "queued", f.created_at > now - window,
+            or_(Outbox.status.is_(None), Outbox.status != "failed"),
+        )
+        .group_by(f.phone_number_id, f.user_id)
+    )
+    recent = {(row[0], row[1]): int(row[2]) for row in s.execute(counted)}
+    optouts = select(MarketingOptOut.phone_number_id, MarketingOptOut.user_id).where(MarketingOptOut.user_id.in_(users))
+    opted = {(row[0], row[1]) for row in s.execute(optouts)}
+    return {
+        key: UserGuard(recent_followups=recent.get(key, 0), marketing_opted_out=key in opted, cap=cap,
+                       cap_window=window)
+        for key in keys
+    }

@@ -16,6 +16,8 @@ from core.flows import default_flows_dir, load_flows
 from core.whatsapp import paused_numbers, resume_sending
 
 LIST_COLUMNS = ("id", "name", "active", "flow", "step", "after", "message", "max_sends", "quiet")
+COST_LABELS = {"campaign": "campaign", "category": "pricing category", "messages": "messages",
+               "billable": "billable"}
 
 
 def register(sub: Any) -> None:
@@ -52,7 +54,7 @@ def register(sub: Any) -> None:
         toggle.set_defaults(handler=cmd_set_active, active=active)
 
     results = commands.add_parser("results", help="targeted, sent, delivered, read, failed, replied, recovered, "
-                                  "skipped, cancelled (and why)")
+                                  "skipped, cancelled (and why), cost by Meta pricing category")
     results.add_argument("campaign", nargs="?", help="name or id (default: all)")
     results.set_defaults(handler=cmd_results)
 
@@ -168,13 +170,33 @@ def cmd_results(args: argparse.Namespace) -> int:
     for row in frame[frame["cancelled"] > 0].itertuples():
         print(f"\ncancelled before sending, {row.campaign}:")
         print(api.cancellations_by_reason(db, int(row.campaign_id)).to_string(index=False))
+    _print_costs(db, frame)
     return 0
+
+
+def _print_costs(db: Database, results: Any) -> None:
+    """Meta's pricing of the campaigns' messages: one table, a row per campaign and category."""
+    import pandas as pd
+    costs = [
+        api.campaign_costs(db, int(row.campaign_id)).assign(campaign=row.campaign)
+        for row in results.itertuples()
+    ]
+    table = pd.concat([c for c in costs if not c.empty] or [pd.DataFrame(columns=["campaign", *api.COST_COLUMNS])])
+    print("\ncost (follow-ups by Meta pricing category):")
+    if table.empty:
+        print("no pricing reported yet")
+        return
+    print(table.rename(columns=COST_LABELS)[list(COST_LABELS.values())].to_string(index=False))
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
     _settings, db = _open_database()
     frame = api.preview_targets(db, args.campaign, datetime.now(UTC))
-    print(frame.to_string(index=False) if not frame.empty else "no session is in that step")
+    if frame.empty:
+        print("no session is in that step")
+        return 0
+    print(f"cost estimate: {api.preview_cost(frame).describe()}\n")
+    print(frame.to_string(index=False))
     return 0
 
 

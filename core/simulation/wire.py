@@ -91,18 +91,30 @@ def plan_statuses(seed: int, user_id: str, outbound: Sequence[Mapping[str, Any]]
         if (late_freeform and roll < 0.3) or roll < 0.025:
             out.append(_status(wamid, "failed", sent, user_id, 131047 if late_freeform else 131026))
             continue
-        out.append(_status(wamid, "sent", sent, user_id))
+        pricing = _pricing(item)
+        out.append(_status(wamid, "sent", sent, user_id, pricing=pricing))
         delivered = min(end, sent + rng.randint(1, 40))
         if roll < 0.93:
-            out.append(_status(wamid, "delivered", delivered, user_id))
+            out.append(_status(wamid, "delivered", delivered, user_id, pricing=pricing))
         if roll < 0.75:
+            # Meta sends pricing with sent and delivered only.
             out.append(_status(wamid, "read", min(end, delivered + rng.randint(3, 2 * HOUR)), user_id))
     if len(out) > 1 and rng.random() < 0.2:
         rng.shuffle(out)  # a late "delivered" after "read" must not downgrade
     return out
 
 
-def _status(wamid: str, status: str, at: int, user_id: str, code: int | None = None) -> dict[str, Any]:
+def _pricing(item: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-message pricing (PMP): a template is billed by its category (a campaign's nudge as marketing, any
+    other as utility); a free-form reply inside the customer service window is a free service message."""
+    if item.get("kind") == "template":
+        category = "marketing" if item.get("campaign") else "utility"
+        return {"billable": True, "pricing_model": "PMP", "category": category, "type": "regular"}
+    return {"billable": False, "pricing_model": "PMP", "category": "service", "type": "free_customer_service"}
+
+
+def _status(wamid: str, status: str, at: int, user_id: str, code: int | None = None,
+            pricing: dict[str, Any] | None = None) -> dict[str, Any]:
     item: dict[str, Any] = {"id": wamid, "status": status, "timestamp": str(at), "recipient_id": user_id}
     if code is not None:
         title, details = _FAILURES[code]
@@ -110,7 +122,8 @@ def _status(wamid: str, status: str, at: int, user_id: str, code: int | None = N
     else:
         item["conversation"] = {"id": hashlib.sha256(f"{user_id}:{at // DAY}".encode()).hexdigest()[:30],
                                 "origin": {"type": "service"}}
-        item["pricing"] = {"billable": True, "pricing_model": "PMP", "category": "service", "type": "regular"}
+        if pricing is not None:
+            item["pricing"] = pricing
     return item
 
 

@@ -25,6 +25,7 @@ def _done(message: str) -> None:
     st.rerun()
 
 
+COST_LABELS = {"category": "Pricing category", "messages": "Messages", "billable": "Billable"}
 PLACEHOLDER_HELP = (
     "{key} is filled from the data the flow collected, or {profile_name} (WhatsApp profile name); "
     "{key|fallback} uses the fallback when the user has no value. Users without a value for a placeholder "
@@ -92,8 +93,8 @@ if listing.empty:
 else:
     results = data.campaign_results(url, now)
     st.plotly_chart(charts.campaign_results(results), key="campaigns_results_chart")
-    st.dataframe(results, hide_index=True, key="campaigns_results_table")
-    st.dataframe(listing, hide_index=True, key="campaigns_table")
+    common.table(results, hide_index=True, key="campaigns_results_table")
+    common.table(listing, hide_index=True, key="campaigns_table")
 
     names = dict(zip(listing["name"], listing["id"], strict=True))
     picked = st.selectbox("Campaign", list(names), key="campaigns_pick")
@@ -113,10 +114,20 @@ else:
         st.plotly_chart(charts.failures_by_code(failures, f"{picked}: failures by error code"),
                         key="campaigns_failures_chart")
 
+    st.subheader("Cost")
+    costs = data.campaign_costs(url, campaign_id)
+    if costs.empty:
+        st.caption("Meta has reported no pricing for this campaign's messages yet.")
+    else:
+        st.caption("Follow-ups by the pricing category Meta reported with their delivery statuses.")
+        common.table(costs.rename(columns=COST_LABELS), hide_index=True, key="campaigns_cost_table")
+
     st.subheader("Who it would target now, and when")
     preview = data.campaign_preview(url, campaign_id, now)
     st.caption(f"{len(preview):,} session(s) stalled in {current['flow']}/{current['step']}.")
-    st.dataframe(common.masked(preview), hide_index=True, key="campaigns_preview_table")
+    if not preview.empty:
+        st.markdown(f"**Cost estimate:** {campaigns.preview_cost(preview).describe()}.")
+    common.table(common.masked(preview), hide_index=True, key="campaigns_preview_table")
 
     if common.is_admin():
         with st.expander(f"Edit {picked}"), st.form("campaigns_edit"):

@@ -63,4 +63,4 @@ steps = table["step"].tolist()[:-1]
 step = st.selectbox("Users who reached this step but not the next", steps, key="funnel_drop_step")
 dropped = data.dropped_users(url, flow_name, step, filters, window)
 st.caption(f"{len(dropped):,} user(s) dropped at {step} (newest first, at most 5,000).")
-st.dataframe(common.masked(dropped), hide_index=True, key="funnel_dropped_table")
+common.table(common.masked(dropped), hide_index=True, key="funnel_dropped_table")

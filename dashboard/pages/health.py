@@ -40,7 +40,7 @@ if sum(held.values()):
     st.warning(f"Quarantine: {sum(held.values()):,} message(s) held, {held.get('apply', 0):,} that failed to apply "
                f"(APPLY_MAX_ATTEMPTS tries) and {held.get('intake', 0):,} that could not be stored. Their users' "
                "later messages went on; `python -m core quarantine retry|drop` once the cause is fixed.")
-    st.dataframe(data.quarantined_recent(url, 20), hide_index=True, key="health_quarantine_table")
+    common.table(data.quarantined_recent(url, 20), hide_index=True, key="health_quarantine_table")
 else:
     st.success("Quarantine: no message held.")
 

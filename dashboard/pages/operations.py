@@ -80,7 +80,7 @@ def _session_section() -> None:
     if actions.empty:
         st.caption("No operator actions on this session yet.")
     else:
-        st.dataframe(actions, hide_index=True, key="ops_audit_table")
+        common.table(actions, hide_index=True, key="ops_audit_table")
     _session_actions(view)
 
 
@@ -92,7 +92,7 @@ def _uncertain_section() -> None:
     if uncertain.empty:
         st.caption("No uncertain sends.")
         return
-    st.dataframe(uncertain, hide_index=True, key="ops_uncertain_table")
+    common.table(uncertain, hide_index=True, key="ops_uncertain_table")
     with st.form("ops_resolve_form"):
         cols = st.columns(3)
         outbox_id = cols[0].selectbox("Outbound message id", uncertain["id"].tolist(), key="ops_resolve_id")
@@ -110,7 +110,7 @@ def _quarantine_section() -> None:
     if held.empty:
         st.caption("Nothing held in quarantine.")
         return
-    st.dataframe(held, hide_index=True, key="ops_quarantine_table")
+    common.table(held, hide_index=True, key="ops_quarantine_table")
     with st.form("ops_quarantine_form"):
         ids = st.multiselect("Messages", held["id"].tolist(), key="ops_quarantine_ids")
         reason = st.text_input("Reason (mandatory)", key="ops_quarantine_reason")
