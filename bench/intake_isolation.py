@@ -24,7 +24,6 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -40,10 +39,12 @@ sys.path.insert(0, str(ROOT))
 from sqlalchemy import create_engine, text  # noqa: E402
 from sqlalchemy.engine import make_url  # noqa: E402
 
+# The webhook benchmark's server (same secret, env and health wait); bench/ is this script's own directory.
+from webhook import SECRET, free_port, start_server  # noqa: E402
+
 from core.signature import sign  # noqa: E402
 
 DEFAULT_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-SECRET = "bench-app-secret"
 PN = "100000000000111"
 TS = 1_767_268_800
 
@@ -110,38 +111,10 @@ def median(values: list[float]) -> float:
     return ordered[len(ordered) // 2] if ordered else 0.0
 
 
-def start_server(url: str, port: int, log_path: Path) -> subprocess.Popen[bytes]:
-    env = dict(os.environ, DATABASE_URL=url, WHATSAPP_APP_SECRET=SECRET, WHATSAPP_VERIFY_TOKEN="bench",
-               ADMIN_TOKEN="bench-admin", PENDING_SWEEP_INTERVAL_SECONDS="2")
-    args = [sys.executable, "-m", "core", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    log = log_path.open("wb")
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited: {log_path.read_text()[-2000:]}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
-            conn.request("GET", "/healthz")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise SystemExit("server did not start")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def measure(url: str, label: str, args: argparse.Namespace) -> bool:
     port, run = free_port(), uuid.uuid4().hex[:8]
     log_path = Path(tempfile.gettempdir()) / f"bench_intake_{run}.log"
-    server = start_server(url, port, log_path)
+    server = start_server(url, port, 1, 1, log_path, reorder_wait_ms=None)
     db = create_engine(url)
     try:
         probe = Probe(port, run, args.interval)

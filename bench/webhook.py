@@ -291,10 +291,12 @@ def free_port() -> int:
 
 
 def start_server(url: str, port: int, workers: int, apply_threads: int, log_path: Path,
-                 reorder_wait_ms: float = 0.0) -> subprocess.Popen[bytes]:
+                 reorder_wait_ms: float | None = 0.0) -> subprocess.Popen[bytes]:
+    """A `core serve` on `port`, answering /healthz; `reorder_wait_ms` None keeps the product's default."""
     env = dict(os.environ, DATABASE_URL=url, WHATSAPP_APP_SECRET=SECRET, WHATSAPP_VERIFY_TOKEN="bench",
-               ADMIN_TOKEN="bench-admin", PENDING_SWEEP_INTERVAL_SECONDS="2", APPLY_THREADS=str(apply_threads),
-               APPLY_REORDER_WAIT_MS=str(reorder_wait_ms))
+               ADMIN_TOKEN="bench-admin", PENDING_SWEEP_INTERVAL_SECONDS="2", APPLY_THREADS=str(apply_threads))
+    if reorder_wait_ms is not None:
+        env["APPLY_REORDER_WAIT_MS"] = str(reorder_wait_ms)
     args = [sys.executable, "-m", "core", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if workers > 1:
         args += ["--workers", str(workers)]
